@@ -1,0 +1,210 @@
+"""GPTB configuration: GPT-2's hyperparameters plus the recurrent state and the ART memory.
+
+This file travels to the Hub as remote code: it imports only the standard library and transformers.
+"""
+
+from transformers import PretrainedConfig
+
+ART_RULES = ("cosine", "fuzzy")
+ART_POOLINGS = ("mean", "state", "last")
+
+# GPT-2 config keys that GPTB has no use for; dropped when converting a GPT-2 config.
+_GPT2_ONLY_KEYS = (
+    "summary_type",
+    "summary_use_proj",
+    "summary_activation",
+    "summary_proj_to_labels",
+    "summary_first_dropout",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn",
+    "add_cross_attention",
+    "architectures",
+    "model_type",
+    "auto_map",
+    "task_specific_params",
+    "n_ctx",
+)
+
+
+class GPTBConfig(PretrainedConfig):
+    r"""
+    Configuration of a GPTB model: GPT-2 made recurrent (see `DESIGN.md` §2).
+
+    GPT-2's hyperparameters keep GPT-2's names, so a GPT-2 config converts one to one
+    ([`GPTBConfig.from_gpt2_config`]). What is new:
+
+    Args:
+        state_size (`int`, defaults to 32):
+            M, the number of state slots. Each step runs the blocks over a window of M + 1 positions (the state and
+            the new token); the state of a sequence is M x n_embd numbers, whatever its length.
+        rebias (`bool`, defaults to `True`):
+            Bidirectional attention inside the window, so the state can read the new token. `False` keeps GPT-2's
+            causal mask: the token sits last, so the state can then never read the input (a fidelity control only).
+        bptt_steps (`int`, *optional*):
+            Truncated backpropagation through time: the state is detached every `bptt_steps` steps of a forward
+            call. `None` backpropagates through the whole call.
+        n_positions (`int`, defaults to 1024):
+            Rows of the position table `wpe` (only the first M + 1 are used). Kept at GPT-2's size so GPT-2 weights
+            load unchanged.
+        art_enabled (`bool`, defaults to `False`):
+            Give the model an [`ARTMemory`] (`model.art_memory`) fed with a pooled representation of each sequence
+            in training mode.
+        art_rule (`str`, defaults to `"cosine"`): `"cosine"` or `"fuzzy"`.
+        art_vigilance (`float`, defaults to 0.75): resonance threshold in [0, 1].
+        art_beta (`float`, *optional*): learning rate in [0, 1]; `None` takes the rule's default.
+        art_alpha (`float`, defaults to 1e-3): Fuzzy ART's choice parameter (> 0).
+        art_max_categories (`int`, defaults to 1024): capacity of the memory.
+        art_pooling (`str`, defaults to `"mean"`): `"mean"` (valid steps of the last layer at the token position),
+            `"state"` (mean of the final state's slots) or `"last"` (the last valid step).
+        art_loss_weight (`float`, defaults to 0.0): weight of the coupled loss pulling each sequence toward its
+            category's prototype.
+        art_resonated_weight (`float`, defaults to 1.0): continual-learning gate; loss weight of sequences that
+            resonated with a known category (1.0 = off, 0.0 = learn only from novel sequences).
+        art_learn_in_eval (`bool`, defaults to `False`): let the memory learn in eval mode too.
+
+    Example:
+
+    ```python
+    >>> from modeling_gptb import GPTBConfig, GPTBLMHeadModel
+    >>> config = GPTBConfig(n_embd=128, n_layer=2, n_head=4, state_size=8)
+    >>> model = GPTBLMHeadModel(config)
+    ```
+    """
+
+    model_type = "gptb"
+    keys_to_ignore_at_inference = ["past_key_values", "past_hidden_states", "art_category", "art_status"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+    }
+
+    def __init__(
+        self,
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        n_inner=None,
+        activation_function="gelu_new",
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
+        layer_norm_epsilon=1e-5,
+        initializer_range=0.02,
+        state_size=32,
+        rebias=True,
+        bptt_steps=None,
+        use_cache=True,
+        art_enabled=False,
+        art_rule="cosine",
+        art_vigilance=0.75,
+        art_beta=None,
+        art_alpha=1e-3,
+        art_max_categories=1024,
+        art_pooling="mean",
+        art_loss_weight=0.0,
+        art_resonated_weight=1.0,
+        art_learn_in_eval=False,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=None,
+        tie_word_embeddings=True,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.n_positions = n_positions
+        self.n_embd = n_embd
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.n_inner = n_inner
+        self.activation_function = activation_function
+        self.resid_pdrop = resid_pdrop
+        self.embd_pdrop = embd_pdrop
+        self.attn_pdrop = attn_pdrop
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.initializer_range = initializer_range
+        self.state_size = state_size
+        self.rebias = rebias
+        self.bptt_steps = bptt_steps
+        self.use_cache = use_cache
+        self.art_enabled = art_enabled
+        self.art_rule = art_rule
+        self.art_vigilance = art_vigilance
+        self.art_beta = art_beta
+        self.art_alpha = art_alpha
+        self.art_max_categories = art_max_categories
+        self.art_pooling = art_pooling
+        self.art_loss_weight = art_loss_weight
+        self.art_resonated_weight = art_resonated_weight
+        self.art_learn_in_eval = art_learn_in_eval
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.tie_word_embeddings = tie_word_embeddings
+        super().__init__(**kwargs)
+        self.check_values()
+
+    def check_values(self):
+        """Raise a `ValueError` naming the first field outside its allowed range."""
+
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTBConfig.{name} must be an integer >= 1, got {value!r}")
+
+        def unit_interval(name, optional=False):
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"GPTBConfig.{name} must be a number in [0, 1], got {value!r}")
+
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "state_size", "art_max_categories"):
+            positive_int(name)
+        if self.n_inner is not None:
+            positive_int("n_inner")
+        if self.bptt_steps is not None:
+            positive_int("bptt_steps")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTBConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"choose n_head among the divisors of {self.n_embd}"
+            )
+        if self.n_positions < self.state_size + 1:
+            raise ValueError(
+                f"GPTBConfig.n_positions ({self.n_positions}) must be >= state_size + 1 ({self.state_size + 1}): "
+                "each step reads a window of state_size + 1 positions"
+            )
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "art_vigilance", "art_resonated_weight"):
+            unit_interval(name)
+        unit_interval("art_beta", optional=True)
+        if not (self.layer_norm_epsilon > 0):
+            raise ValueError(f"GPTBConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        if not (self.initializer_range >= 0):
+            raise ValueError(f"GPTBConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
+        if not (self.art_alpha > 0):
+            raise ValueError(f"GPTBConfig.art_alpha must be > 0, got {self.art_alpha!r}")
+        if not (self.art_loss_weight >= 0):
+            raise ValueError(f"GPTBConfig.art_loss_weight must be >= 0, got {self.art_loss_weight!r}")
+        if self.art_rule not in ART_RULES:
+            raise ValueError(f"GPTBConfig.art_rule must be one of {ART_RULES}, got {self.art_rule!r}")
+        if self.art_pooling not in ART_POOLINGS:
+            raise ValueError(f"GPTBConfig.art_pooling must be one of {ART_POOLINGS}, got {self.art_pooling!r}")
+        if not isinstance(self.rebias, bool):
+            raise ValueError(f"GPTBConfig.rebias must be True or False, got {self.rebias!r}")
+
+    @classmethod
+    def from_gpt2_config(cls, gpt2_config, **overrides):
+        """Convert a GPT-2 config (a `GPT2Config` or its dict) to a `GPTBConfig`; `overrides` set GPTB's own fields."""
+        values = gpt2_config if isinstance(gpt2_config, dict) else gpt2_config.to_dict()
+        values = {key: value for key, value in values.items() if key not in _GPT2_ONLY_KEYS}
+        values.pop("transformers_version", None)
+        values.update(overrides)
+        return cls(**values)
+
+
+__all__ = ["GPTBConfig"]

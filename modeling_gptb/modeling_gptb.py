@@ -1,0 +1,507 @@
+"""GPTB: GPT-2 made recurrent.
+
+Each step reads one token and a fixed-size state of M vectors (the model's own previous outputs), runs GPT-2 blocks
+over that window of M + 1 positions and emits the logits for the next token and the next state. The exact step is
+`DESIGN.md` §2. Parameter names and layout are GPT-2's, so a GPT-2 checkpoint warm-starts a GPTB model.
+
+This file travels to the Hub as remote code: it imports only the standard library, torch, transformers and its
+sibling files.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import ModelOutput
+
+from .configuration_gptb import GPTBConfig
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs and the generation cache
+
+
+@dataclass
+class GPTBModelOutput(ModelOutput):
+    """
+    Output of [`GPTBModel`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, n_embd)`):
+            The last layer's output (after `ln_f`) at the token position of each step.
+        past_hidden_states (`torch.FloatTensor` of shape `(batch_size, state_size, n_embd)`):
+            The state after the last step: pass it back to continue the sequences.
+        past_key_values ([`GPTBCache`], *optional*):
+            The same state wrapped for `generate()`, with the number of positions consumed.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            The window input and each block's output at the token position of each step, `(batch_size,
+            sequence_length, n_embd)` each; the last one is after `ln_f` (GPT-2's convention).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_hidden_states: torch.FloatTensor | None = None
+    past_key_values: "GPTBCache | None" = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class GPTBCausalLMOutput(ModelOutput):
+    """
+    Output of [`GPTBLMHeadModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*): language-modelling loss (plus the ART coupled loss).
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): next-token scores.
+        past_hidden_states (`torch.FloatTensor` of shape `(batch_size, state_size, n_embd)`): the final state.
+        past_key_values ([`GPTBCache`], *optional*): the final state wrapped for `generate()`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): see [`GPTBModelOutput`].
+        art_category, art_status, art_novelty (`torch.Tensor` of shape `(batch_size,)`, *optional*):
+            what the ART memory made of each sequence (when `config.art_enabled`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_hidden_states: torch.FloatTensor | None = None
+    past_key_values: "GPTBCache | None" = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    art_category: torch.LongTensor | None = None
+    art_status: torch.LongTensor | None = None
+    art_novelty: torch.FloatTensor | None = None
+
+
+class GPTBCache:
+    """
+    The recurrent state as `generate()`'s cache: `(batch_size, state_size, n_embd)`, the same size at token 10 and
+    token 100,000. `get_seq_length()` counts the positions consumed so `generate()` feeds only new tokens, and
+    `reorder_cache()` follows beam search.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, state: torch.Tensor, seq_length: int):
+        self.state = state
+        self.seq_length = seq_length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+
+    def __repr__(self):
+        return f"GPTBCache(state={tuple(self.state.shape)}, seq_length={self.seq_length})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPT-2 blocks over the window (GPT-2's parameter names and Conv1D layout: weight is (in, out))
+
+
+class GPTBAttention(nn.Module):
+    def __init__(self, config: GPTBConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_attn = Conv1D(3 * config.n_embd, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        # rebias: the window is read both ways, so the state slots see the new token
+        self.is_causal = not config.rebias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, width, dim = x.shape
+        qkv = self.c_attn(x).view(batch, width, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+            is_causal=self.is_causal,
+            scale=1.0 / math.sqrt(self.head_dim),
+        )
+        y = y.transpose(1, 2).reshape(batch, width, dim)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class GPTBMLP(nn.Module):
+    def __init__(self, config: GPTBConfig):
+        super().__init__()
+        inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.c_fc = Conv1D(inner, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, inner)
+        self.act = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class GPTBBlock(nn.Module):
+    """A GPT-2 block (pre-LayerNorm attention and MLP with residuals) over the (M + 1)-position window."""
+
+    def __init__(self, config: GPTBConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPTBAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPTBMLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class GPTBPreTrainedModel(PreTrainedModel):
+    """Weight initialisation (GPT-2's scheme) and loading, including warm starts from GPT-2 checkpoints."""
+
+    config_class = GPTBConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPTBBlock"]
+    _skip_keys_device_placement = ["past_key_values", "past_hidden_states"]
+    _supports_sdpa = True
+    _is_stateful = True
+    # absent from GPT-2 checkpoints; initialised instead
+    _keys_to_ignore_on_load_missing = [r"art_memory\."]
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Conv1D):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.bias)
+        if isinstance(module, (GPTBAttention, GPTBMLP)):
+            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, GPTBModel):
+            init.normal_(module.initial_embeds, mean=0.0, std=std)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """
+        Load a GPTB checkpoint, or warm-start from a GPT-2 checkpoint (folder or Hub id).
+
+        For a GPT-2 checkpoint the config is converted ([`GPTBConfig.from_gpt2_config`]) with GPTB's own fields taken
+        from `kwargs` (for example `state_size=16`); wte, wpe, every block, ln_f and lm_head load unchanged and only
+        `transformer.initial_embeds` is new.
+        """
+        if config is None and pretrained_model_name_or_path is not None:
+            hub_kwargs = {
+                key: kwargs[key]
+                for key in (
+                    "cache_dir",
+                    "force_download",
+                    "local_files_only",
+                    "proxies",
+                    "revision",
+                    "subfolder",
+                    "token",
+                )
+                if key in kwargs
+            }
+            config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+            if config_dict.get("model_type") == "gpt2":
+                own_fields = set(GPTBConfig().to_dict()) - set(PretrainedConfig().to_dict())
+                overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own_fields}
+                config = GPTBConfig.from_gpt2_config(config_dict, **overrides)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+
+
+class GPTBModel(GPTBPreTrainedModel):
+    """
+    The recurrent GPT-2 body: embeddings, the learned initial state `initial_embeds`, the blocks and `ln_f`, stepped
+    over the sequence. Returns the last layer's output at each step's token position and the final state.
+    """
+
+    def __init__(self, config: GPTBConfig):
+        super().__init__(config)
+        config.check_values()
+        self.state_size = config.state_size
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.initial_embeds = nn.Parameter(torch.zeros(config.state_size, config.n_embd))
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([GPTBBlock(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.register_buffer("window_positions", torch.arange(config.state_size + 1), persistent=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        """The state before the first token, `(batch_size, state_size, n_embd)`."""
+        return self.initial_embeds.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def _window(self, window: torch.Tensor, all_layers: bool):
+        """Blocks and `ln_f` over one window; with `all_layers`, also every layer's output at the token position."""
+        x = self.drop(window)
+        per_layer = [x[:, -1]] if all_layers else None
+        for block in self.h:
+            x = block(x)
+            if all_layers:
+                per_layer.append(x[:, -1])
+        x = self.ln_f(x)
+        if all_layers:
+            per_layer[-1] = x[:, -1]
+            return x, torch.stack(per_layer, dim=0)
+        return x, None
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values: GPTBCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> GPTBModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): tokens, read one step each.
+            past_hidden_states (`torch.FloatTensor` of shape `(batch_size, state_size, n_embd)`, *optional*):
+                the state to start from (a previous call's `past_hidden_states`); default `initial_embeds`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, length)`, *optional*): its last `sequence_length`
+                columns are read; where 0, the step leaves that sequence's state unchanged.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, n_embd)`, *optional*):
+                token embeddings instead of `input_ids`.
+            past_key_values ([`GPTBCache`], *optional*): `generate()`'s form of `past_hidden_states`.
+        """
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        token_embeds = self._token_embeddings(input_ids, inputs_embeds)
+        batch, steps = token_embeds.shape[:2]
+        state, consumed = self._start_state(past_hidden_states, past_key_values, batch, token_embeds)
+        step_mask = self._step_mask(attention_mask, batch, steps, token_embeds.device)
+
+        positions = self.wpe(self.window_positions)
+        run_window = self._window
+        if self.gradient_checkpointing and self.training:
+            run_window = self._checkpointed_window
+        bptt = self.config.bptt_steps
+        token_outputs, layer_outputs = [], []
+        for t in range(steps):
+            if bptt is not None and t > 0 and t % bptt == 0:
+                state = state.detach()
+            window = torch.cat([state, token_embeds[:, t : t + 1]], dim=1) + positions
+            out, per_layer = run_window(window, output_hidden_states)
+            new_state = out[:, : self.state_size]
+            if step_mask is not None:
+                new_state = torch.where(step_mask[:, t, None, None], new_state, state)
+            state = new_state
+            token_outputs.append(out[:, -1])
+            if output_hidden_states:
+                layer_outputs.append(per_layer)
+
+        last_hidden_state = torch.stack(token_outputs, dim=1)
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(torch.stack(layer_outputs, dim=2).unbind(0))
+        cache = GPTBCache(state, consumed + steps) if use_cache else None
+
+        if not return_dict:
+            return tuple(v for v in (last_hidden_state, state, hidden_states) if v is not None)
+        return GPTBModelOutput(
+            last_hidden_state=last_hidden_state,
+            past_hidden_states=state,
+            past_key_values=cache,
+            hidden_states=hidden_states,
+        )
+
+    def _checkpointed_window(self, window, all_layers):
+        return self._gradient_checkpointing_func(self._window, window, all_layers)
+
+    # -- input checks: a clear error before any work -------------------------------------------------------------
+
+    def _token_embeddings(self, input_ids, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`, got both or neither")
+        if input_ids is not None:
+            if input_ids.ndim != 2:
+                raise ValueError(
+                    f"`input_ids` must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}"
+                )
+            if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+                raise ValueError(f"`input_ids` is empty (shape {tuple(input_ids.shape)}): pass at least one token")
+            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+                raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
+            low, high = int(input_ids.min()), int(input_ids.max())
+            vocab = self.config.vocab_size
+            if low < 0 or high >= vocab:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is outside the vocabulary: ids must be in [0, {vocab})")
+            return self.wte(input_ids)
+        expected = f"(batch_size, sequence_length, {self.config.n_embd})"
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.n_embd:
+            raise ValueError(f"`inputs_embeds` must have shape {expected}, got {tuple(inputs_embeds.shape)}")
+        if inputs_embeds.shape[1] == 0 or inputs_embeds.shape[0] == 0:
+            raise ValueError(f"`inputs_embeds` is empty (shape {tuple(inputs_embeds.shape)}): pass at least one step")
+        return inputs_embeds
+
+    def _start_state(self, past_hidden_states, past_key_values, batch, like):
+        """The state to start from and the number of positions it has consumed."""
+        if isinstance(past_key_values, GPTBCache):
+            if past_hidden_states is not None:
+                raise ValueError("Pass the state as `past_hidden_states` or `past_key_values`, not both")
+            past_hidden_states, consumed = past_key_values.state, past_key_values.seq_length
+        elif past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError(
+                f"`past_key_values` must be a GPTBCache (the state returned by this model), got "
+                f"{type(past_key_values).__name__} holding {past_key_values.get_seq_length()} positions"
+            )
+        else:
+            consumed = 0
+        if past_hidden_states is None:
+            return self.initial_state(batch), consumed
+        expected = (batch, self.state_size, self.config.n_embd)
+        if tuple(past_hidden_states.shape) != expected:
+            raise ValueError(
+                f"`past_hidden_states` must have shape (batch_size, state_size, n_embd) = {expected}, "
+                f"got {tuple(past_hidden_states.shape)}"
+            )
+        if not past_hidden_states.dtype.is_floating_point:
+            raise ValueError(
+                f"`past_hidden_states` must be a floating-point tensor (the model's {like.dtype}), "
+                f"got {past_hidden_states.dtype}"
+            )
+        return past_hidden_states.to(device=like.device, dtype=like.dtype), consumed
+
+    @staticmethod
+    def _step_mask(attention_mask, batch, steps, device):
+        """Boolean (batch, steps) mask of the steps that update the state, or None when all do."""
+        if attention_mask is None:
+            return None
+        if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < steps:
+            raise ValueError(
+                f"`attention_mask` must have shape (batch_size, length) with batch_size = {batch} and "
+                f"length >= sequence_length = {steps}, got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask[:, -steps:].to(device=device, dtype=torch.bool)
+        return None if bool(mask.all()) else mask
+
+
+class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
+    """
+    GPTB with GPT-2's language-modelling head (tied to `wte`). Works with `generate()` (the state is the cache, so each
+    new token costs the same), `Trainer` and the original manual loop:
+
+    ```python
+    >>> logits, state = model(tokens[:, :1], past_hidden_states=None, return_dict=False)[:2]
+    >>> logits, state = model(tokens[:, 1:2], past_hidden_states=state, return_dict=False)[:2]
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPTBConfig):
+        super().__init__(config)
+        self.transformer = GPTBModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not hand us a DynamicCache: the first step starts from `initial_embeds` (or the user's
+        # state) and returns a GPTBCache, which generate() then carries.
+        return False
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, past_hidden_states=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+        # A user's starting state is for the first step only; after it the returned cache carries the state.
+        if past_hidden_states is not None and not isinstance(past_key_values, GPTBCache):
+            model_inputs["past_hidden_states"] = past_hidden_states
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: GPTBCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> GPTBCausalLMOutput | tuple:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): shifted inside the
+                model as in `GPT2LMHeadModel`, so `labels=input_ids` works; `-100` is ignored. `num_items_in_batch`
+                in `kwargs` (from `Trainer`) normalises the loss across gradient-accumulation steps.
+            logits_to_keep (`int`, *optional*): compute logits for the last `logits_to_keep` steps only (0 = all).
+
+        See [`GPTBModel.forward`] for the other arguments. With `return_dict=False` the result is the tuple
+        `(logits, past_hidden_states, ...)`, preceded by `loss` when `labels` are given.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.transformer(
+            input_ids,
+            past_hidden_states=past_hidden_states,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+
+        loss = None
+        if labels is not None:
+            if labels.shape != hidden.shape[:2]:
+                raise ValueError(
+                    f"`labels` must have the shape of the inputs {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}"
+                )
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        if not return_dict:
+            output = (logits, outputs.past_hidden_states)
+            if outputs.hidden_states is not None:
+                output += (outputs.hidden_states,)
+            return ((loss,) + output) if loss is not None else output
+        return GPTBCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_hidden_states=outputs.past_hidden_states,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+__all__ = ["GPTBCache", "GPTBLMHeadModel", "GPTBModel", "GPTBPreTrainedModel"]
