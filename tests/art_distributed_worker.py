@@ -1,0 +1,57 @@
+"""One rank of `test_art_distributed.py`, started by `torchrun --nproc_per_node 2` (gloo, CPU).
+
+Each rank feeds its own rows (a different number per rank) to the same memories for a few rounds, then tries an input
+that is invalid on rank 1 only, saves with the default `is_main_process`, and writes its final state and outputs to
+`<out>/<rule>-rank<r>.safetensors` for the test to compare.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from modeling_gptb.art_memory import ARTMemory
+
+RULES = {"cosine": {"vigilance": 0.8, "beta": 0.3}, "fuzzy": {"vigilance": 0.75, "beta": 0.5}}
+DIM, ROUNDS, CAPACITY = 6, 3, 24
+
+
+def rank_rows(rule: str, rank: int, round_: int) -> torch.Tensor:
+    """The rows rank `rank` feeds in round `round_`: a different count per rank and round, some ranks none."""
+    n = (5 + 9 * rank + 4 * round_) if (rank, round_) != (1, 1) else 0
+    g = torch.Generator().manual_seed(1000 * rank + round_)
+    centers = torch.randn(4, DIM, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    rows = centers[torch.randint(0, 4, (n,), generator=g)] + 0.5 * torch.randn(n, DIM, generator=g)
+    return torch.sigmoid(rows) if rule == "fuzzy" else rows
+
+
+def new_memory(rule: str) -> ARTMemory:
+    return ARTMemory(DIM, rule=rule, max_categories=CAPACITY, dtype=torch.float64, **RULES[rule])
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for rule in RULES:
+        memory = new_memory(rule)
+        outputs = [memory.update(rank_rows(rule, rank, round_)) for round_ in range(ROUNDS)]
+        bad = rank_rows(rule, rank, 0)
+        if rank == 1:
+            bad[0, 0] = float("nan")
+        try:
+            memory.update(bad)
+            error = ""
+        except ValueError as exc:
+            error = str(exc)
+        memory.save_pretrained(os.path.join(out, f"{rule}-saved-rank{rank}"))  # only rank 0 writes
+        tensors = {name: tensor.contiguous() for name, tensor in memory.state_dict().items()}
+        for name in ("category", "status", "similarity"):
+            tensors[name] = torch.cat([getattr(o, name) for o in outputs])
+        save_file(tensors, os.path.join(out, f"{rule}-rank{rank}.safetensors"), metadata={"error": error})
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
