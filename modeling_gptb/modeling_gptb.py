@@ -18,9 +18,13 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
+from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTStatus
 from .configuration_gptb import GPTBConfig
+
+# from_pretrained arguments that say where and how to fetch files
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs and the generation cache
@@ -183,11 +187,19 @@ class GPTBPreTrainedModel(PreTrainedModel):
         if isinstance(module, Conv1D):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.bias)
-        if isinstance(module, (GPTBAttention, GPTBMLP)):
-            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
-            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
         if isinstance(module, GPTBModel):
             init.normal_(module.initial_embeds, mean=0.0, std=std)
+            # Not in checkpoints (non-persistent): from_pretrained builds the model on the meta device, so the buffer
+            # holds garbage until it is set here.
+            positions = torch.arange(module.state_size + 1, device=module.window_positions.device)
+            init.copy_(module.window_positions, positions)
+            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer). Done from the body (it runs after its
+            # children): transformers skips custom-code modules without parameters of their own, so a branch on
+            # GPTBAttention / GPTBMLP would never run. Loaded weights are flagged and left alone by `init`.
+            residual_std = std / math.sqrt(2 * self.config.n_layer)
+            for block in module.h:
+                init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
+                init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -199,19 +211,7 @@ class GPTBPreTrainedModel(PreTrainedModel):
         `transformer.initial_embeds` is new.
         """
         if config is None and pretrained_model_name_or_path is not None:
-            hub_kwargs = {
-                key: kwargs[key]
-                for key in (
-                    "cache_dir",
-                    "force_download",
-                    "local_files_only",
-                    "proxies",
-                    "revision",
-                    "subfolder",
-                    "token",
-                )
-                if key in kwargs
-            }
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
             config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
             if config_dict.get("model_type") == "gpt2":
                 own_fields = set(GPTBConfig().to_dict()) - set(PretrainedConfig().to_dict())
@@ -421,6 +421,17 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = GPTBModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"  # the class name does not say it
+        self.art_memory = None
+        if config.art_enabled:
+            self.art_memory = ARTMemory(
+                config.n_embd,
+                rule=config.art_rule,
+                vigilance=config.art_vigilance,
+                beta=config.art_beta,
+                alpha=config.art_alpha,
+                max_categories=config.art_max_categories,
+            )
         self.post_init()
 
     def get_output_embeddings(self):
@@ -435,12 +446,29 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         # state) and returns a GPTBCache, which generate() then carries.
         return False
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, past_hidden_states=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, past_hidden_states=None, inputs_embeds=None, **kwargs
+    ):
+        # `inputs_embeds` is named here so generate() knows the prompt may come as embeddings (first step only).
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
+        )
         # A user's starting state is for the first step only; after it the returned cache carries the state.
         if past_hidden_states is not None and not isinstance(past_key_values, GPTBCache):
             model_inputs["past_hidden_states"] = past_hidden_states
         return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # generate() repeats every tensor input for beams / num_return_sequences, but not a cache object: a GPTBCache
+        # passed in to continue from is repeated here the same way (a new object; the caller's is left as it was).
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        cache = model_kwargs.get("past_key_values")
+        if expand_size > 1 and isinstance(cache, GPTBCache):
+            state = cache.state.repeat_interleave(expand_size, dim=0)
+            model_kwargs["past_key_values"] = GPTBCache(state, cache.seq_length)
+        return input_ids, model_kwargs
 
     def forward(
         self,
@@ -454,6 +482,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
+        art_mode: str | None = None,
         **kwargs,
     ) -> GPTBCausalLMOutput | tuple:
         r"""
@@ -462,6 +491,9 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
                 model as in `GPT2LMHeadModel`, so `labels=input_ids` works; `-100` is ignored. `num_items_in_batch`
                 in `kwargs` (from `Trainer`) normalises the loss across gradient-accumulation steps.
             logits_to_keep (`int`, *optional*): compute logits for the last `logits_to_keep` steps only (0 = all).
+            art_mode (`str`, *optional*): what the ART memory does with this batch: `"update"` (learn), `"classify"`
+                (read only) or `"off"`. Default: `"update"` in training mode (or with `config.art_learn_in_eval`),
+                `"off"` otherwise.
 
         See [`GPTBModel.forward`] for the other arguments. With `return_dict=False` the result is the tuple
         `(logits, past_hidden_states, ...)`, preceded by `loss` when `labels` are given.
@@ -478,17 +510,23 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden = outputs.last_hidden_state
+        steps = hidden.shape[1]
+        if labels is not None and labels.shape != hidden.shape[:2]:
+            raise ValueError(
+                f"`labels` must have the shape of the inputs {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}"
+            )
+        art, pooled = self._art(outputs, attention_mask, art_mode)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
 
         loss = None
         if labels is not None:
-            if labels.shape != hidden.shape[:2]:
-                raise ValueError(
-                    f"`labels` must have the shape of the inputs {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}"
-                )
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            if logits.shape[1] != steps:
+                raise ValueError("`labels` need the logits of every step: leave `logits_to_keep` at 0")
+            loss = self._language_modelling_loss(logits, labels, art, **kwargs)
+            if art is not None and self.config.art_loss_weight > 0:
+                loss = loss + self.config.art_loss_weight * self._art_coupling_loss(pooled, art)
 
         if not return_dict:
             output = (logits, outputs.past_hidden_states)
@@ -501,7 +539,105 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             past_hidden_states=outputs.past_hidden_states,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            art_category=None if art is None else art.category,
+            art_status=None if art is None else art.status,
+            art_novelty=None if art is None else art.novelty,
         )
+
+    # -- ART memory: pooled sequence representations, the coupled loss and the continual-learning gate --------------
+
+    def _art(self, outputs: GPTBModelOutput, attention_mask, art_mode):
+        """Feed (or only classify) the pooled representation of each sequence; returns (ARTOutput, pooled)."""
+        if self.art_memory is None or art_mode == "off":
+            return None, None
+        if art_mode is None:
+            art_mode = "update" if (self.training or self.config.art_learn_in_eval) else "off"
+        if art_mode not in ("update", "classify", "off"):
+            raise ValueError(f"art_mode must be 'update', 'classify' or 'off', got {art_mode!r}")
+        if art_mode == "off":
+            return None, None
+        pooled = self.art_input(self.pool(outputs, attention_mask))
+        with torch.no_grad():
+            memory_input = pooled.detach()
+            art = (
+                self.art_memory.update(memory_input)
+                if art_mode == "update"
+                else self.art_memory.classify(memory_input)
+            )
+        return art, pooled
+
+    def pool(self, outputs: GPTBModelOutput, attention_mask=None) -> torch.Tensor:
+        """The `(batch_size, n_embd)` representation of each sequence chosen by `config.art_pooling`."""
+        hidden = outputs.last_hidden_state
+        steps = hidden.shape[1]
+        if self.config.art_pooling == "state":
+            return outputs.past_hidden_states.mean(dim=1)
+        mask = torch.ones(hidden.shape[:2], device=hidden.device)
+        if attention_mask is not None:
+            mask = attention_mask[:, -steps:].to(device=hidden.device, dtype=hidden.dtype)
+        if self.config.art_pooling == "last":
+            last = (mask * torch.arange(1, steps + 1, device=hidden.device)).argmax(dim=1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
+        return torch.einsum("bt,btd->bd", weights.to(hidden.dtype), hidden)
+
+    def art_input(self, pooled: torch.Tensor) -> torch.Tensor:
+        """What the memory sees: the pooled vector for `cosine`; squashed into [0, 1] by a sigmoid for `fuzzy`."""
+        return torch.sigmoid(pooled) if self.config.art_rule == "fuzzy" else pooled
+
+    def _art_coupling_loss(self, pooled: torch.Tensor, art) -> torch.Tensor:
+        """mean(1 - cos(pooled, w_category)) over sequences with a category; prototypes get no gradient."""
+        has_category = art.category >= 0
+        if not bool(has_category.any()):
+            return pooled.sum() * 0.0
+        prototypes = self.art_memory.weight[art.category.clamp(min=0)].detach().to(pooled.dtype)
+        if self.config.art_rule == "fuzzy":
+            pooled = torch.cat([pooled, 1.0 - pooled], dim=-1)  # complement coding, as the prototypes are stored
+        distance = 1.0 - F.cosine_similarity(pooled, prototypes, dim=-1)
+        return distance[has_category].mean()
+
+    def _language_modelling_loss(self, logits, labels, art, num_items_in_batch=None, **kwargs):
+        """Next-token cross-entropy; with the ART gate on, sequences that resonated count `art_resonated_weight`."""
+        gate = self.config.art_resonated_weight
+        if art is None or gate == 1.0:
+            return self.loss_function(
+                logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch, **kwargs
+            )
+        targets = labels[:, 1:].to(logits.device)
+        per_token = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).view_as(targets)
+        weights = torch.where(art.status.to(logits.device) == int(ARTStatus.RESONATED), gate, 1.0)
+        total = (per_token * weights[:, None]).sum()
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+
+    # -- the ART memory travels beside the weights as art_memory.safetensors ------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if self.art_memory is not None and is_main_process:
+            self.art_memory.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives (model, info)
+        if model.art_memory is not None and pretrained_model_name_or_path is not None:
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            path = cached_file(
+                pretrained_model_name_or_path,
+                ART_MEMORY_FILE,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **hub_kwargs,
+            )
+            if path is not None:
+                model.art_memory.load_file(path)
+        return loaded
 
 
 __all__ = ["GPTBCache", "GPTBLMHeadModel", "GPTBModel", "GPTBPreTrainedModel"]

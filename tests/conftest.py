@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from reference import ...` in the tests
 
@@ -37,3 +38,54 @@ def tiny_model(seed: int = 0, **overrides) -> GPTBLMHeadModel:
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+def randomize(model, seed: int = 0, scale: float = 0.4):
+    """Weights large enough that attention is sharp and greedy decoding does not sit on one token."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale
+            param.copy_(1.0 + noise if "ln_" in name and name.endswith("weight") else noise)
+    return model
+
+
+def tiny_tokenizer():
+    """An offline `PreTrainedTokenizerFast` over the tiny vocabulary: id 0 `<|endoftext|>`, `w1`..`w58`, 59 `<unk>`,
+    60 `<pad>` (the ids of `TINY`). Words are split on whitespace and decoded joined by spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, 59)}, "<unk>": 59, "<pad>": 60}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+    )
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: the tiny models gain nothing from more, and on a busy 2-core machine
+    torch's spinning worker threads make step-by-step loops (generate) many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class StopAfter(TrainerCallback):
+    """Interrupt training after a given step, as a crash would: the schedule still plans for max_steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
