@@ -1,0 +1,131 @@
+"""Model cards: metadata, body, usage snippet, "n/a" for what is missing, round trip through ModelCard.load."""
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+from modeling_gptb.model_card import render_model_card, template_path
+from modeling_gptb.presets import load_model_preset
+
+TRAINING = {
+    "steps": 160,
+    "tokens": 327_680,
+    "eval_loss": 3.212345,
+    "eval_perplexity": 24.837,
+    "data": "stdlib-docs: docstrings of the Python 3.11 standard library",
+    "learning_rate": 0.002,
+}
+
+
+@pytest.fixture(scope="module")
+def config():
+    from modeling_gptb.configuration_gptb import GPTBConfig
+
+    return GPTBConfig(**load_model_preset("gptb-tiny"))
+
+
+@pytest.fixture(scope="module")
+def card(config):
+    return render_model_card(
+        config,
+        training=TRAINING,
+        art_report={"num_categories": 17, "rejected": 0},
+        repo_id="someone/gptb-tiny-stdlib",
+        datasets=["someone/stdlib-docstrings"],
+        num_parameters=1_053_184,
+    )
+
+
+def header(card: ModelCard) -> dict:
+    """The YAML metadata block parsed on its own, as the Hub would."""
+    _, block, _ = card.content.split("---\n", 2)
+    return yaml.safe_load(block)
+
+
+def test_metadata(card):
+    meta = header(card)
+    assert meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "text-generation"
+    assert meta["license"] == "apache-2.0"
+    assert meta["datasets"] == ["someone/stdlib-docstrings"]
+    assert {"gptb", "recurrent", "custom_code", "art-memory"} <= set(meta["tags"])
+    assert "base_model" not in meta
+    assert card.data.to_dict() == meta
+
+
+def test_body_reports_architecture_art_and_training(card):
+    text = card.text
+    for row in (
+        "| Layers | 2 |",
+        "| Width (`n_embd`) | 128 |",
+        "| Attention heads | 4 |",
+        "| MLP width (`n_inner`) | 512 (4 x n_embd) |",
+        "| State size M (slots) | 8 |",
+        "| State per sequence | 8 x 128 = 1,024 numbers (4.0 KiB in float32), constant in the sequence length |",
+        "| Parameters | 1,053,184 |",
+        "| Rule | cosine |",
+        "| Vigilance | 0.9 |",
+        "| Categories learned | 17 |",
+        "| Rejected | 0 |",
+        "| Steps | 160 |",
+        "| Tokens | 327,680 |",
+        "| Eval loss | 3.2123 |",
+        "| Eval perplexity | 24.84 |",
+        "| Learning rate | 0.002 |",
+        "| Data | stdlib-docs: docstrings of the Python 3.11 standard library |",
+    ):
+        assert row in text, row
+    assert "| `rebias` | true: bidirectional attention" in text
+    assert "## Limitations" in text
+
+
+def test_usage_snippet(card):
+    text = card.text
+    assert 'AutoModelForCausalLM.from_pretrained("someone/gptb-tiny-stdlib", trust_remote_code=True)' in text
+    assert 'AutoTokenizer.from_pretrained("someone/gptb-tiny-stdlib")' in text
+    assert text.startswith("\n# gptb-tiny-stdlib\n")
+
+
+def test_round_trip_with_model_card_load(card, tmp_path):
+    path = tmp_path / "README.md"
+    card.save(path)
+    loaded = ModelCard.load(path)
+    assert loaded.content == card.content
+    assert loaded.data.to_dict() == card.data.to_dict()
+    assert header(loaded)["tags"] == card.data.tags
+
+
+def test_missing_values_render_as_na():
+    card = render_model_card({})
+    assert "{{" not in card.content and "{%" not in card.content
+    assert "None" not in card.text
+    for row in ("| Layers | n/a |", "| Eval loss | n/a |", "| Steps | n/a |", "| State per sequence | n/a |"):
+        assert row in card.text, row
+    assert 'from_pretrained("path/to/gptb-model", trust_remote_code=True)' in card.text
+    assert "without its ART memory" in card.text and "art-memory" not in card.data.tags
+    assert "datasets" not in header(card)
+
+
+def test_dict_config_base_model_extra_tags_and_cell_escaping(config):
+    card = render_model_card(
+        config.to_dict(),
+        base_model="openai-community/gpt2",
+        training={"data": "a | b", "eval_loss": None, "eval_perplexity": float("nan")},
+        art_report={"num_categories": 3},
+        license="mit",
+        tags=["demo", "gptb"],
+    )
+    meta = header(card)
+    assert meta["base_model"] == "openai-community/gpt2" and meta["license"] == "mit"
+    assert meta["tags"].count("gptb") == 1 and "demo" in meta["tags"]
+    assert "Warm-started from [openai-community/gpt2](https://huggingface.co/openai-community/gpt2)" in card.text
+    assert "| Data | a \\| b |" in card.text  # a pipe would otherwise split the table cell
+    assert "| Eval loss | n/a |" in card.text and "| Eval perplexity | n/a |" in card.text
+
+
+def test_custom_template(config, tmp_path):
+    assert template_path().is_file()
+    mine = tmp_path / "card.md"
+    mine.write_text("---\n{{ card_data }}\n---\n\nState {{ state_size }}, loss {{ eval_loss }}.\n")
+    card = render_model_card(config, template=mine, training={"eval_loss": 2.5})
+    assert card.text.strip() == "State 8, loss 2.5000."
