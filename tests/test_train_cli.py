@@ -1,0 +1,146 @@
+"""`gptb train` (Accelerate) end to end on tiny sizes: Hub-ready output, resume, two processes, bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modeling_gptb import cli
+from modeling_gptb.train import main as train_main
+
+TINY_RUN = [
+    "--max_chars", "20000", "--tokenizer_vocab_size", "300", "--block_size", "16", "--batch_size", "4",
+    "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "3", "--eval_batches", "2",
+    "--sample_tokens", "8", "--set", "n_embd=32", "--set", "n_head=4", "--set", "state_size=3",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator, as a fresh process would."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def train(output_dir, *extra) -> int:
+    return train_main(["--output_dir", str(output_dir), *TINY_RUN, *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    output = tmp_path_factory.mktemp("run") / "out"
+    AcceleratorState._reset_state(True)
+    assert train(output) == 0
+    return output
+
+
+def test_output_is_a_hub_ready_folder(trained):
+    names = {p.name for p in trained.iterdir()}
+    expected = {"config.json", "model.safetensors", "art_memory.safetensors", "generation_config.json"}
+    expected |= {"configuration_gptb.py", "modeling_gptb.py", "art_memory.py", "tokenizer.json", "README.md"}
+    expected |= {"training_curves.png", "metrics.json"}
+    assert expected <= names
+    config = json.loads((trained / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gptb.GPTBLMHeadModel"
+    card = ModelCard.load(trained / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert "custom_code" in card.data.tags and "trust_remote_code=True" in card.text
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["step"] == 6 and metrics["eval_perplexity"] > 1 and metrics["sample"]
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    assert model.art_memory.num_categories > 0
+    ids = tokenizer("Return the", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
+    assert (trained / "checkpoints" / "step-6" / "art_memory.safetensors").is_file()
+
+
+def test_resume_ends_like_the_uninterrupted_run(trained, tmp_path):
+    output = tmp_path / "out"
+    assert train(output, "--stop_after_step", "3") == 0
+    assert not (output / "model.safetensors").exists()  # interrupted: no final model yet
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert train(output, "--resume") == 0
+    whole, resumed = load_file(trained / "model.safetensors"), load_file(output / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    whole_art = load_file(trained / "art_memory.safetensors")
+    resumed_art = load_file(output / "art_memory.safetensors")
+    for name in whole_art:
+        torch.testing.assert_close(resumed_art[name], whole_art[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_cpu_processes_with_bf16(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--dynamo_backend", "no", "--mixed_precision", "bf16", "--main_process_port", str(free_port())]
+    command += ["-m", "modeling_gptb.train", "--output_dir", str(tmp_path / "out"), *TINY_RUN]
+    command += ["--max_steps", "2", "--save_steps", "2", "--eval_steps", "2", "--mixed_precision", "bf16"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es), mixed precision bf16" in result.stdout
+    assert "ART memory identical on all 2 ranks" in result.stdout
+    assert (tmp_path / "out" / "art_memory.safetensors").is_file()
+    memory = load_file(tmp_path / "out" / "art_memory.safetensors")
+    assert int(memory["counts"].sum()) == 2 * 4 * 2  # steps x batch x ranks: every rank's sequences
+
+
+def failing(capsys, output, *extra, message):
+    assert train(output, *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_input_fails_clearly(tmp_path, capsys, trained):
+    failing(capsys, tmp_path / "a", "--data", str(tmp_path / "missing"), message="missing")
+    (tmp_path / "empty").mkdir()
+    failing(capsys, tmp_path / "b", "--data", str(tmp_path / "empty"), message="empty")
+    failing(capsys, tmp_path / "c", "--preset", "gptb-huge", message="available: gptb-small, gptb-tiny")
+    failing(capsys, trained, message="already holds a trained model")
+    (tmp_path / "notckpt").mkdir()
+    failing(capsys, tmp_path / "d", "--resume", str(tmp_path / "notckpt"), message="not a GPTB training checkpoint")
+    failing(capsys, tmp_path / "e", "--resume", message="no checkpoint under")
+
+
+def test_damaged_checkpoint_and_a_failed_run_never_replace_a_good_model(tmp_path, capsys, trained):
+    import shutil
+
+    output = tmp_path / "out"
+    shutil.copytree(trained, output)
+    before = (output / "model.safetensors").read_bytes()
+    checkpoint = output / "checkpoints" / "step-6"
+    (checkpoint / "model.safetensors").write_bytes(b"\x00garbage")
+    failing(capsys, output, "--resume", str(checkpoint), message="is damaged or does not fit this model")
+    # a new run that fails (no data) with permission to overwrite leaves the old model untouched
+    failing(capsys, output, "--overwrite_output_dir", "--data", str(tmp_path / "nope"), message="nope")
+    assert (output / "model.safetensors").read_bytes() == before
+
+
+def test_generate_and_art_report_commands(trained, capsys):
+    assert cli.main(["generate", str(trained), "--prompt", "Return the", "--max_new_tokens", "6"]) == 0
+    assert capsys.readouterr().out.startswith("Return the")
+    assert cli.main(["art-report", str(trained), "--text", "Return the number of items."]) == 0
+    out = capsys.readouterr().out
+    assert "categories from" in out and "novelty" in out and "Return the number" in out
+    assert cli.main(["generate", str(trained / "nothing"), "--prompt", "x"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
