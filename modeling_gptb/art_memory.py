@@ -200,8 +200,10 @@ def _approx_dtype(x: torch.Tensor) -> tuple[torch.dtype, float]:
 
 
 def _unit(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows scaled to unit length (zero rows stay zero) then cast: their products are cosines, in a safe range."""
-    return (v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)).to(dtype)
+    """Rows scaled to unit length (zero rows stay zero) and rounded to `dtype`: their products are cosines, in a safe
+    range whatever the scale of the vectors."""
+    norms = torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+    return torch.div(v, norms, out=v.new_empty(v.shape, dtype=dtype))
 
 
 def _exact_argmax(scores, tolerance, x, seen):
@@ -352,7 +354,7 @@ class CosineRule(ARTRule):
         scores = _unit(i, dtype) @ _unit(w, dtype).T
         if valid is not None:
             scores = scores.masked_fill(~valid, -math.inf)
-        winner, _, similarity = _decide_cosine(i, torch.linalg.vecdot(i, i), scores, tolerance, _Seen(w))
+        winner, _, similarity, _ = _decide_cosine(i, torch.linalg.vecdot(i, i), scores, tolerance, _Seen(w))
         return winner, similarity >= params["vigilance"], similarity, similarity
 
     def update_rows(self, w, counts, committed, num_committed, rows, params):
@@ -371,15 +373,21 @@ class CosineRule(ARTRule):
             x, x_units = rows[start : start + block], units[start : start + block]
             x_sq = torch.linalg.vecdot(x, x)
             # Categories this block can reach: those in use and one per row (the overflow row once the memory fills).
-            scores = x_units @ w_units[: min(k + x.shape[0], kw)].T  # the O(n K D) work
-            scores[:, k:] = -math.inf  # not in use
-            first = _decide_cosine(x, x_sq, scores, tolerance, _Seen(w))
+            scores = x_units.new_empty(x.shape[0], min(k + x.shape[0], kw))
+            torch.mm(x_units, w_units[:k].T, out=scores[:, :k])  # the O(n K D) work
+            scores[:, k:] = -math.inf  # not in use yet
+            *first, first_prototypes = _decide_cosine(x, x_sq, scores, tolerance, _Seen(w))
             guess = _targets(first[0], first[2] >= vigilance, None, k, kw) + (first[2],)
             rounds = 0
             while True:
                 rounds += 1
                 chains = _Chains(guess[0], kw)
-                versions = chains.versions(x, w, guess[0] < k, guess[1], params["beta"])
+                # Block-start prototypes of the categories the rows update (usually their first winners').
+                existing = guess[0] < k
+                start_w = first_prototypes
+                if (existing & (guess[0] != first[0])).any():
+                    start_w = torch.where((guess[0] == first[0])[:, None], start_w, w.index_select(0, guess[0]))
+                versions = chains.versions(x, start_w, existing, guess[1], params["beta"])
                 v_units = _unit(versions, dtype)
                 checked = self._recheck(x, x_units, v_units, scores, tolerance, _Seen(w, chains, versions), first)
                 checked = _targets(checked[0], checked[1] >= vigilance, guess[1], k, kw) + (checked[1],)
@@ -447,18 +455,19 @@ class _Chains:
         rows = self.rows
         self.current = self.applies[None, :] & (rows[None, :] < rows[:, None]) & (rows[:, None] <= following[None, :])
 
-    def versions(self, x, w, existing, resonated, beta):
+    def versions(self, x, start_w, existing, resonated, beta):
         """Each row's category right after the row's update: a closed form of the chain of updates before it.
 
         Along a chain, `w <- (1 - beta) w + beta x` (or `w <- x` for a new category) makes the version after row u
         `(1 - beta)^p w_start + sum_l c_l (1 - beta)^(p_u - p_l) x_l` over the chain's rows l up to u, with `p` the
-        position in the chain and `c_l` = beta (or 1 for the row that created the category).
+        position in the chain and `c_l` = beta (or 1 for the row that created the category). `start_w` holds the
+        block-start prototype of each row's category (ignored where it is not `existing`).
         """
         position = self.upto.sum(1).to(x.dtype)
         decay = x.new_tensor(1 - beta)
         rate = torch.where(resonated, x.new_tensor(beta), x.new_tensor(1.0))
         carry = torch.where(existing, decay**position, 0.0)  # share of the block-start prototype
-        versions = carry[:, None] * w.index_select(0, self.target) + rate[:, None] * x  # the row's own step
+        versions = torch.addcmul(carry[:, None] * start_w, rate[:, None], x)  # the row's own step
         chained = (position > 1).nonzero().squeeze(1)  # rows whose category earlier rows of the block updated too
         if chained.numel():
             earlier = self.upto[chained].clone()
@@ -497,11 +506,13 @@ class _Seen:
 
 
 def _decide_cosine(x, x_sq, scores, tolerance, seen, rows=None):
-    """Winner, best approximate score and exact similarity of each row of `x` (block rows `rows`, default all)."""
+    """Winner, best approximate score, exact similarity and the winner's prototype for each row of `x` (block rows
+    `rows`, default all)."""
     rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
     winner, best = _exact_argmax(scores, tolerance, x, lambda r, c: seen(rows[r], c))
-    similarity = _cosine(x, seen(rows, winner), x_sq).masked_fill(torch.isneginf(best), -math.inf)
-    return winner, best, similarity
+    prototype = seen(rows, winner)
+    similarity = _cosine(x, prototype, x_sq).masked_fill(torch.isneginf(best), -math.inf)
+    return winner, best, similarity, prototype
 
 
 def _targets(winner, resonated, guessed_resonated, k, kw):

@@ -311,13 +311,13 @@ def test_property_random_data_matches_reference(seed, dim, n, vigilance, beta, r
 # Near ties and thresholds
 
 
-@pytest.mark.parametrize("rule", ["cosine", "fuzzy"])
-def test_duplicated_inputs_resonate_at_vigilance_one(rule):
+@pytest.mark.parametrize("rule, dim", [("cosine", 300), ("fuzzy", 64)])
+def test_duplicated_inputs_resonate_at_vigilance_one(rule, dim):
     """x equal to a prototype scores exactly 1.0, even for arbitrary floats and wide inputs."""
     g = torch.Generator().manual_seed(0)
-    base = torch.rand(20, 300, generator=g, dtype=torch.float64)
+    base = torch.rand(20, dim, generator=g, dtype=torch.float64)
     rows = base[torch.randint(0, 20, (120,), generator=g)]
-    memory = ARTMemory(300, rule=rule, vigilance=1.0, beta=0.5 if rule == "cosine" else 1.0, dtype=torch.float64)
+    memory = ARTMemory(dim, rule=rule, vigilance=1.0, beta=0.5 if rule == "cosine" else 1.0, dtype=torch.float64)
     output = memory.update(rows)
     expected = ReferenceART(rule, 1.0, memory.beta).update(rows)
     assert_matches(output, expected)

@@ -163,3 +163,16 @@ def test_memory_lives_in_the_state_dict_for_trainer_resume():
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh.art_memory.prototypes, model.art_memory.prototypes)
     assert fresh.art_memory.num_categories == model.art_memory.num_categories
+
+
+def test_gpt2_warm_start_gives_an_empty_memory(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=80, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(
+        tmp_path
+    )
+    model = GPTBLMHeadModel.from_pretrained(tmp_path, state_size=4, art_enabled=True, art_max_categories=16)
+    assert model.art_memory.num_categories == 0
+    assert (model.art_memory.weight == 0).all() and (model.art_memory.category_counts == 0).all()
+    model.train()(torch.randint(0, 80, (2, 5)))
+    assert model.art_memory.num_categories >= 1
