@@ -65,7 +65,12 @@ def offline_hub(monkeypatch, tmp_path):
 
 @pytest.fixture
 def saved_model(tmp_path):
-    model = randomize(tiny_model(), seed=3)
+    model = randomize(tiny_model(art_enabled=True, art_vigilance=0.99), seed=3)
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, 60, (6, 5), generator=torch.Generator().manual_seed(3)))  # the memory learns
+    model.eval()
+    assert model.art_memory.num_categories > 1
     folder = tmp_path / "gptb-tiny"
     model.save_pretrained(folder)
     return model, folder
@@ -157,6 +162,7 @@ SUBPROCESS_SCRIPT = textwrap.dedent(
         with torch.no_grad():
             results[key] = model(tokens).logits
         results[key + "_generate"] = model.generate(tokens[:, :4], max_new_tokens=6, do_sample=False)
+        results[key + "_art"] = (model.art_memory.prototypes, model.art_memory.counts)
     assert not any(name == "modeling_gptb" or name.startswith("modeling_gptb.") for name in sys.modules)
     torch.save(results, os.path.join(work, "results.pt"))
     print("OK")
@@ -199,6 +205,9 @@ def test_remote_code_in_a_fresh_process_without_the_package(saved_model, tmp_pat
     expected_tokens = model.generate(TOKENS[:, :4], max_new_tokens=6, do_sample=False)
     assert torch.equal(results["folder_generate"], expected_tokens)
     assert torch.equal(results["repo_id_generate"], expected_tokens)
+    for key in ("folder_art", "repo_id_art"):  # the ART memory came along, bit for bit
+        assert torch.equal(results[key][0], model.art_memory.prototypes)
+        assert torch.equal(results[key][1], model.art_memory.counts)
     # the code that ran is the code that was saved
     module_files = {path.name for path in (tmp_path / "hf-modules").rglob("*.py") if path.name != "__init__.py"}
     assert remote_code_files() <= module_files
@@ -213,6 +222,8 @@ def test_load_by_repo_id_from_offline_cache_in_process(saved_model, offline_hub)
             loaded = loader.from_pretrained("someone/gptb-tiny")
             assert type(loaded) is GPTBLMHeadModel
             assert torch.equal(loaded(TOKENS).logits, expected)
+            assert torch.equal(loaded.art_memory.prototypes, model.art_memory.prototypes)
+            assert torch.equal(loaded.art_memory.counts, model.art_memory.counts)
     with pytest.raises(OSError):  # offline really is offline: an id not in the cache is not fetched
         GPTBLMHeadModel.from_pretrained("someone/not-in-the-cache")
 
@@ -375,6 +386,7 @@ def test_device_map_with_a_block_offloaded_to_disk(saved_model, tmp_path):
         "transformer.h.1": "disk",
         "transformer.ln_f": "cpu",
         "lm_head": "cpu",
+        "art_memory": "cpu",  # the memory's buffers are placed like any module's
     }
     mapped = GPTBLMHeadModel.from_pretrained(folder, device_map=device_map, offload_folder=tmp_path / "offload")
     assert mapped.hf_device_map["transformer.h.1"] == "disk"
