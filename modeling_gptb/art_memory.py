@@ -55,6 +55,7 @@ import os
 import struct
 import uuid
 import warnings
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -68,6 +69,20 @@ from transformers.utils import cached_file
 ART_MEMORY_FILE = "art_memory.safetensors"
 ART_FORMAT = "gptb-art-memory"
 ART_FORMAT_VERSION = 1
+
+
+def _exact_arithmetic(method):
+    """Run without autograd and outside autocast: under bf16 mixed precision the scores must stay float64."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            if torch.cuda.is_available():
+                with torch.autocast("cuda", enabled=False):
+                    return method(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class ARTStatus(enum.IntEnum):
@@ -718,6 +733,7 @@ class ARTMemory(nn.Module):
     # Learning
 
     @torch.no_grad()
+    @_exact_arithmetic
     def update(self, x: torch.Tensor, sync: bool | None = None) -> ARTOutput:
         """
         Learn from the rows of `x` (N, dim), one at a time and in order (DESIGN.md §3), and report each row.
@@ -822,6 +838,7 @@ class ARTMemory(nn.Module):
     # Reads that never learn
 
     @torch.no_grad()
+    @_exact_arithmetic
     def classify(self, x: torch.Tensor) -> ARTOutput:
         """
         What `update` would do with each row of `x` on its own, without learning anything.

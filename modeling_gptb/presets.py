@@ -9,7 +9,6 @@ Each loader takes a preset name or a path to a file. In a JSON preset the key "_
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import json
 import os
@@ -38,17 +37,14 @@ def data_dir(kind: str) -> Path:
     if (local / _SENTINELS[kind]).exists():
         return local
     package = f"gptb_{kind}"
-    try:
-        resource = importlib.resources.files(package)
-    except ModuleNotFoundError:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"GPTB's {kind!r} data folder is missing: not at {local} and no installed package {package!r}; "
             "reinstall gptb"
-        ) from None
-    if isinstance(resource, Path):
-        return resource
-    # A data folder without __init__.py is a namespace package, whose resource object is not a Path.
-    return Path(next(iter(importlib.util.find_spec(package).submodule_search_locations)))
+        )
+    # The package's folder; this also covers namespace packages (no __init__.py), whose resources are not a Path.
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def list_presets(kind: str) -> list[str]:

@@ -742,3 +742,17 @@ def test_a_failed_save_leaves_the_old_file_intact(tmp_path, monkeypatch, failing
 def test_only_the_main_process_writes(tmp_path):
     assert trained_memory().save_pretrained(tmp_path, is_main_process=False) is None
     assert not os.path.exists(tmp_path / ART_MEMORY_FILE)
+
+
+def test_decisions_are_unchanged_under_bf16_autocast():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    plain = ARTMemory(32, vigilance=0.3)
+    expected = plain.update(x)
+    mixed = ARTMemory(32, vigilance=0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mixed.update(x)
+        read = mixed.classify(x)
+    assert torch.equal(got.category, expected.category) and torch.equal(got.status, expected.status)
+    assert torch.equal(mixed.prototypes, plain.prototypes)
+    assert read.similarity.dtype == torch.float64

@@ -127,9 +127,12 @@ SUBPROCESS_SCRIPT = textwrap.dedent(
     repo_root = os.path.realpath(sys.argv[1])
     folder, repo_id, work = sys.argv[2], sys.argv[3], sys.argv[4]
 
-    def inside_repo(entry):
+    def inside(entry, root):
         real = os.path.realpath(entry or os.getcwd())
-        return real == repo_root or real.startswith(repo_root + os.sep)
+        return real == root or real.startswith(root + os.sep)
+
+    def inside_repo(entry):  # the checkout, but not a virtual environment that lives in it (CI's .venv)
+        return inside(entry, repo_root) and not inside(entry, os.path.realpath(sys.prefix))
 
     sys.path[:] = [entry for entry in sys.path if not inside_repo(entry)]
 

@@ -37,6 +37,10 @@ def test_data_dir_falls_back_to_the_installed_package(tmp_path, monkeypatch, wit
         (installed / "__init__.py").write_text("")
     monkeypatch.setattr(presets, "__file__", str(tmp_path / "elsewhere" / "modeling_gptb" / "presets.py"))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    # as from a wheel: hide the finders of an editable install (`pip install -e .`), which map the checkout
+    wheel_like = [finder for finder in sys.meta_path if "editable" not in type(finder).__module__.lower()]
+    monkeypatch.setattr(sys, "meta_path", wheel_like)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if "__editable__" not in entry])
     monkeypatch.delitem(sys.modules, "gptb_configuration", raising=False)
     importlib.invalidate_caches()
     try:
