@@ -47,6 +47,7 @@ safetensors.
 """
 
 import enum
+import functools
 import hashlib
 import json
 import math
@@ -55,7 +56,6 @@ import os
 import struct
 import uuid
 import warnings
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
