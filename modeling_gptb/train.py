@@ -347,10 +347,14 @@ def train(args: TrainArgs) -> dict:
 
     metrics = evaluate(model, eval_loader, accelerator, args.eval_batches)
     result = {"step": step, "data": data_source, "history": history, **metrics}
-    if accelerator.is_main_process:
-        finish(accelerator.unwrap_model(model), tokenizer, args, output, result, eval_texts)
+    is_main = accelerator.is_main_process
+    final_model = accelerator.unwrap_model(model)
+    # End the process group first: the main process then writes the final folder alone, so nothing it calls can
+    # meet another rank's collective.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if is_main:
+        finish(final_model, tokenizer, args, output, result, eval_texts)
     return result
 
 

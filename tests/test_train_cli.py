@@ -97,7 +97,10 @@ def test_two_cpu_processes_with_bf16(tmp_path):
     command += ["--dynamo_backend", "no", "--mixed_precision", "bf16", "--main_process_port", str(free_port())]
     command += ["-m", "modeling_gptb.train", "--output_dir", str(tmp_path / "out"), *TINY_RUN]
     command += ["--max_steps", "2", "--save_steps", "2", "--eval_steps", "2", "--mixed_precision", "bf16"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as hang:
+        pytest.fail(f"two-process run hung; its output:\n{hang.stdout}\n{hang.stderr}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es), mixed precision bf16" in result.stdout
     assert "ART memory identical on all 2 ranks" in result.stdout
