@@ -126,12 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # bench and experiment own their options (argparse's REMAINDER refuses ones that start with "--")
+    if argv and argv[0] in ("bench", "experiment"):
+        from types import SimpleNamespace
+
+        handler = cmd_bench if argv[0] == "bench" else cmd_experiment
+        return handler(SimpleNamespace(rest=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
         from .train import main as train_main
 
-        return train_main(sys.argv[2:] if argv is None else list(argv)[1:])
+        return train_main(argv[1:])
     handlers = {
         "generate": cmd_generate,
         "art-report": cmd_art_report,
