@@ -1,0 +1,13 @@
+"""Reproducible experiments for GPTB and its ART memory (issue 6).
+
+Run one with `python -m experiments NAME [--preset cpu|gpu|mini] [--seeds N] [--out DIR]` or
+`gptb experiment NAME ...`. Each writes `report.md`, `results.json` and PNG plots into
+`experiments/results/NAME/` (or `--out`).
+
+- `sample_efficiency`: GPTB vs GPT-2 (context 64 and 256) at equal tokens and FLOPs, with state-size and
+  rebias ablations.
+- `novelty`: ART novelty vs nearest-neighbour cosine distance and per-token loss as out-of-domain detectors.
+- `continual`: forgetting of domain A after training on domain B, plain vs ART gate / coupled loss / both.
+"""
+
+EXPERIMENTS = ("sample_efficiency", "novelty", "continual")

@@ -1,0 +1,39 @@
+"""`python -m experiments NAME [--preset cpu|gpu|mini] [--seeds N] [--out DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from . import EXPERIMENTS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description="Run a GPTB experiment.")
+    parser.add_argument("name", choices=EXPERIMENTS, help="which experiment")
+    parser.add_argument("--preset", default="cpu", choices=("cpu", "gpu", "mini"), help="size (default: cpu)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: 3; mini: 1)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: experiments/results/NAME)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import common
+
+    module = importlib.import_module(f"experiments.{args.name}")
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.preset == "mini" else 3)
+    if n_seeds < 1:
+        print("--seeds must be >= 1", file=sys.stderr)
+        return 2
+    out = args.out if args.out is not None else common.RESULTS_DIR / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    module.run(args.preset, list(range(n_seeds)), out)
+    print(f"{args.name}: report, JSON and plots in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Sample efficiency: does GPTB learn more per token (and per FLOP) than GPT-2 of the same size?
+
+Models, all with the same width, depth, heads, tokenizer (byte-level BPE trained on the training text), data (the
+same chunks in the same order for a seed), optimiser (AdamW, betas 0.9/0.95, weight decay 0.1, clip 1.0),
+schedule (5% linear warm-up, cosine to 10%) and token budget:
+
+- `gptb`: GPTB, `state_size` 8, `rebias=True`, trained on blocks of `gptb_block` tokens (BPTT over the block);
+- `gpt2_ctx64`, `gpt2_ctx256`: `transformers.GPT2LMHeadModel` trained on blocks of 64 / 256 tokens;
+- ablations: `gptb_M1`, `gptb_M32` (state_size 1 / 32) and `gptb_norebias` (`rebias=False`: the causal mask
+  hides the token from the state, which the design predicts makes the state useless).
+
+Held-out loss: the validation split of `stdlib-docs`, cut into blocks of `eval_block` (256) tokens; every model
+predicts the same 255 targets per block (GPT-2 at context 64 in four fresh windows, GPTB in one pass carrying its
+state). Reported in nats/token and bits/byte, against tokens seen and against analytic training FLOPs
+(`common.train_flops_per_token`).
+
+Time, default `cpu` preset on 2 shared CPU cores (OMP_NUM_THREADS=1), from step times measured with this preset
+(width 128, depth 2, 4 heads, vocabulary 1024, 1024 tokens/step): GPTB M=8 0.44 s/step, M=1 0.15, M=32 1.32,
+rebias=False 0.41, GPT-2 ctx 64 0.06, ctx 256 0.07 -> 2.45 s per step of all six models; evaluation (40 blocks of
+256 tokens) 1.3 / 0.5 / 4.0 / 1.3 / 0.2 / 0.2 s, 5 times per run -> ~38 s per seed. 220 steps x 3 seeds:
+3 x (220 x 2.45 + 38) ≈ 1730 s ≈ 29 minutes (+ ~5 s corpus and tokenizer). Shared machines drift by +-30%.
+`mini` takes a few seconds; `gpu` is sized for one modern CUDA GPU (untimed).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import common
+
+NAME = "sample_efficiency"
+
+_ARCH_CPU = {"n_embd": 128, "n_layer": 2, "n_head": 4}
+PRESETS = {
+    "cpu": {
+        "corpus": "stdlib-docs",
+        "train_chars": 1_600_000,
+        "val_chars": 120_000,
+        "tokenizer": 1024,
+        "arch": _ARCH_CPU,
+        "tokens_per_step": 1024,
+        "steps": 220,
+        "gptb_block": 64,
+        "eval_block": 256,
+        "eval_blocks": 40,
+        "eval_every": 55,
+        "eval_batch": 20,
+        "train": {"lr": 2e-3, "weight_decay": 0.1},
+        "state_size": 8,
+        "ablation_state_sizes": [1, 32],
+        "gpt2_contexts": [64, 256],
+    },
+    "gpu": {
+        "corpus": "stdlib-docs",
+        "train_chars": None,
+        "val_chars": 400_000,
+        "tokenizer": 4096,
+        "arch": {"n_embd": 384, "n_layer": 6, "n_head": 6},
+        "tokens_per_step": 8192,
+        "steps": 600,
+        "gptb_block": 128,
+        "eval_block": 256,
+        "eval_blocks": 200,
+        "eval_every": 100,
+        "eval_batch": 50,
+        "train": {"lr": 1e-3, "weight_decay": 0.1},
+        "state_size": 8,
+        "ablation_state_sizes": [1, 32],
+        "gpt2_contexts": [64, 256],
+    },
+    "mini": {
+        "corpus": "stdlib-docs",
+        "train_chars": 40_000,
+        "val_chars": 6_000,
+        "tokenizer": "byte",
+        "arch": {"n_embd": 32, "n_layer": 1, "n_head": 2},
+        "tokens_per_step": 128,
+        "steps": 3,
+        "gptb_block": 16,
+        "eval_block": 32,
+        "eval_blocks": 4,
+        "eval_every": 2,
+        "eval_batch": 4,
+        "train": {"lr": 3e-3, "weight_decay": 0.1},
+        "state_size": 2,
+        "ablation_state_sizes": [1],
+        "gpt2_contexts": [16, 32],
+    },
+}
+
+
+def variants(p: dict) -> dict[str, dict]:
+    """name -> how to build and train it: kind, block length, GPTB overrides / GPT-2 context."""
+    out = {"gptb": {"kind": "gptb", "block": p["gptb_block"], "overrides": {"state_size": p["state_size"]}}}
+    for ctx in p["gpt2_contexts"]:
+        out[f"gpt2_ctx{ctx}"] = {"kind": "gpt2", "block": ctx, "context": ctx}
+    for m in p["ablation_state_sizes"]:
+        out[f"gptb_M{m}"] = {"kind": "gptb", "block": p["gptb_block"], "overrides": {"state_size": m}}
+    out["gptb_norebias"] = {
+        "kind": "gptb",
+        "block": p["gptb_block"],
+        "overrides": {"state_size": p["state_size"], "rebias": False},
+    }
+    return out
+
+
+def run(preset: str, seeds: list[int], out: Path) -> dict:
+    p = PRESETS[preset]
+    started = time.time()
+    train_texts = common.load_texts(p["corpus"], "train", p["train_chars"])
+    val_texts = common.load_texts(p["corpus"], "validation", p["val_chars"])
+    tokenizer = common.make_tokenizer(p["tokenizer"], train_texts)
+    train_stream = common.token_stream(train_texts, tokenizer)
+    val_blocks = common.blocks_of(common.token_stream(val_texts, tokenizer), p["eval_block"], p["eval_blocks"])
+    byte_lengths = common.token_byte_lengths(tokenizer)
+    specs = variants(p)
+
+    runs: dict[str, list[dict]] = {name: [] for name in specs}
+    for seed in seeds:
+        for name, spec in specs.items():
+            common.set_seed(seed)
+            if spec["kind"] == "gptb":
+                model = common.gptb_model(tokenizer, p["arch"], **spec["overrides"])
+                flops = common.train_flops_per_token(model, "gptb")
+                context = None
+            else:
+                model = common.gpt2_model(tokenizer, p["arch"], spec["context"])
+                flops = common.train_flops_per_token(model, "gpt2", spec["context"])
+                context = spec["context"]
+
+            def evaluate(model=model, context=context):
+                losses = common.per_token_losses(model, val_blocks, p["eval_batch"], context=context)
+                return common.loss_metrics(losses, val_blocks, byte_lengths)
+
+            batches = common.BatchStream(train_stream, p["tokens_per_step"], seed)
+            history = common.train_model(
+                model,
+                batches,
+                spec["block"],
+                p["steps"],
+                p["train"],
+                evaluate=evaluate,
+                eval_every=p["eval_every"],
+                desc=f"{name} seed {seed}",
+            )
+            runs[name].append(
+                {
+                    "seed": seed,
+                    "params": sum(t.numel() for t in model.parameters()),
+                    "train_flops_per_token": flops,
+                    "eval_tokens": history["eval_tokens"],
+                    "eval_flops": [t * flops for t in history["eval_tokens"]],
+                    "eval_loss": [e["loss"] for e in history["eval"]],
+                    "eval_bpb": [e["bpb"] for e in history["eval"]],
+                    "train_loss": history["train_loss"],
+                    "sec_per_step": history["sec_per_step"],
+                }
+            )
+
+    summary = {}
+    for name, seed_runs in runs.items():
+        loss_m, loss_s = common.mean_std(r["eval_loss"][-1] for r in seed_runs)
+        bpb_m, bpb_s = common.mean_std(r["eval_bpb"][-1] for r in seed_runs)
+        summary[name] = {
+            "final_loss_mean": loss_m,
+            "final_loss_std": loss_s,
+            "final_bpb_mean": bpb_m,
+            "final_bpb_std": bpb_s,
+            "params": seed_runs[0]["params"],
+            "train_flops_per_token": seed_runs[0]["train_flops_per_token"],
+            "sec_per_step_mean": common.mean_std(r["sec_per_step"] for r in seed_runs)[0],
+        }
+    elapsed = time.time() - started
+    result = {
+        "experiment": NAME,
+        "preset": preset,
+        "config": p,
+        "seeds": seeds,
+        "vocab_size": len(tokenizer),
+        "train_tokens_available": len(train_stream),
+        "eval_targets": int(val_blocks[:, 1:].numel()),
+        "machine": common.machine(),
+        "elapsed_s": elapsed,
+        "runs": runs,
+        "summary": summary,
+    }
+    common.check_finite(result)
+    _plots(result, out)
+    _report(result, out)
+    common.write_json(out / "results.json", result)
+    return result
+
+
+def _plots(result: dict, out: Path) -> None:
+    plt = common.pyplot()
+    runs = result["runs"]
+    main = [n for n in runs if n == "gptb" or n.startswith("gpt2")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name in main:
+        r = runs[name]
+        common.shaded(axes[0], r[0]["eval_tokens"], [x["eval_loss"] for x in r], name, marker="o")
+        common.shaded(axes[1], r[0]["eval_flops"], [x["eval_loss"] for x in r], name, marker="o")
+        common.shaded(axes[2], r[0]["eval_tokens"], [x["eval_bpb"] for x in r], name, marker="o")
+    axes[0].set(xlabel="training tokens seen (tokens)", ylabel="held-out loss (nats / token)", title="Loss vs data")
+    axes[1].set(xlabel="training compute (FLOPs, analytic)", ylabel="held-out loss (nats / token)")
+    axes[1].ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    axes[1].set_title("Loss vs compute")
+    axes[2].set(xlabel="training tokens seen (tokens)", ylabel="held-out (bits / byte)", title="Bits per byte")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"GPTB vs GPT-2 (mean ± 1 s.d. over {len(result['seeds'])} seed(s))")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ablations = [n for n in runs if n.startswith("gptb")]
+    for name in ablations:
+        r = runs[name]
+        common.shaded(axes[0], r[0]["eval_tokens"], [x["eval_loss"] for x in r], name, marker="o")
+    axes[0].set(xlabel="training tokens seen (tokens)", ylabel="held-out loss (nats / token)", title="Ablations")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    s = result["summary"]
+    names = list(s)
+    axes[1].bar(names, [s[n]["final_bpb_mean"] for n in names], yerr=[s[n]["final_bpb_std"] for n in names])
+    axes[1].set(ylabel="final held-out (bits / byte)", title="Final held-out bits/byte (± 1 s.d.)")
+    axes[1].tick_params(axis="x", rotation=30)
+    axes[1].grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out / "ablations.png", dpi=110)
+    plt.close(fig)
+
+
+def _report(result: dict, out: Path) -> None:
+    s = result["summary"]
+    rows = [
+        [
+            name,
+            f"{v['params']:,}",
+            common.fmt(v["final_loss_mean"], v["final_loss_std"]),
+            common.fmt(v["final_bpb_mean"], v["final_bpb_std"]),
+            f"{v['train_flops_per_token']:.3g}",
+            f"{v['sec_per_step_mean']:.3f}",
+        ]
+        for name, v in s.items()
+    ]
+    table = common.markdown_table(
+        ["model", "parameters", "held-out nats/token", "held-out bits/byte", "train FLOPs/token", "s/step"], rows
+    )
+    best_gpt2 = min((n for n in s if n.startswith("gpt2")), key=lambda n: s[n]["final_loss_mean"])
+    diff = s["gptb"]["final_loss_mean"] - s[best_gpt2]["final_loss_mean"]
+    verdict = (
+        f"At equal tokens, GPTB ends {'below' if diff < 0 else 'above'} the better GPT-2 ({best_gpt2}) by "
+        f"{abs(diff):.3f} nats/token; GPTB costs {s['gptb']['train_flops_per_token'] / s[best_gpt2]['train_flops_per_token']:.1f}x "  # noqa: E501
+        "its training FLOPs per token."
+    )
+    p = result["config"]
+    common.write_report(
+        out / "report.md",
+        "Sample efficiency: GPTB vs GPT-2",
+        [
+            common.header_section(NAME, result["preset"], result["seeds"], p, result["elapsed_s"]),
+            f"Budget: {p['steps']} steps x {p['tokens_per_step']} tokens = {p['steps'] * p['tokens_per_step']:,} "
+            f"training tokens (of {result['train_tokens_available']:,} available); vocabulary "
+            f"{result['vocab_size']}; held-out: {result['eval_targets']:,} target tokens of `{p['corpus']}` "
+            f"validation in blocks of {p['eval_block']}.",
+            "## Final held-out loss (mean ± s.d. over seeds)\n\n" + table,
+            "## Reading\n\n" + verdict + " `gptb_norebias` is the control the design predicts cannot use its state.",
+            "![curves](curves.png)\n\n![ablations](ablations.png)",
+        ],
+    )

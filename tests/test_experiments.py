@@ -1,0 +1,79 @@
+"""The experiment runners at `--preset mini` (seconds each), and the detection metrics they report."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments import EXPERIMENTS, common
+from experiments.__main__ import main
+
+EXPECTED = {
+    "sample_efficiency": ({"runs", "summary", "config", "seeds", "machine"}, ["curves.png", "ablations.png"]),
+    "novelty": ({"per_seed", "summary", "config", "seeds", "machine"}, ["roc.png", "metrics.png"]),
+    "continual": ({"runs", "summary", "config", "seeds", "machine"}, ["continual.png"]),
+}
+
+
+def _all_finite(value) -> bool:
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_mini_run_writes_report_json_and_plots(name, tmp_path):
+    assert main([name, "--preset", "mini", "--out", str(tmp_path)]) == 0
+    keys, plots = EXPECTED[name]
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# ") and "mini" in report
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert keys <= set(data) and data["experiment"] == name and data["seeds"] == [0]
+    assert _all_finite(data)
+    for plot in plots:
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert plot in report
+
+
+def test_sample_efficiency_summary_has_baselines_and_ablations(tmp_path):
+    main(["sample_efficiency", "--preset", "mini", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert {"gptb", "gptb_norebias"} <= set(summary) and any(k.startswith("gpt2_ctx") for k in summary)
+    for values in summary.values():
+        assert values["final_bpb_mean"] > 0 and values["train_flops_per_token"] > 0
+
+
+def test_auroc_perfect_separation_and_chance():
+    assert common.auroc([0.1, 0.2, 0.3], [0.7, 0.8, 0.9]) == 1.0
+    assert common.auroc([0.7, 0.8, 0.9], [0.1, 0.2, 0.3]) == 0.0
+    assert common.auroc([0.5] * 10, [0.5] * 7) == 0.5  # identical scores: ties count half
+    rng = np.random.default_rng(0)
+    same = rng.normal(size=4000)
+    assert abs(common.auroc(same[:2000], same[2000:]) - 0.5) < 0.03
+    assert common.auroc([0.0, 1.0], [0.5, 0.5]) == 0.5  # one pair above, one below
+
+
+def test_auroc_matches_pairwise_definition():
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 5, 30).astype(float), rng.integers(1, 6, 25).astype(float)
+    pairs = [(1.0 if y > x else 0.5 if y == x else 0.0) for x in a for y in b]
+    assert common.auroc(a, b) == pytest.approx(np.mean(pairs))
+
+
+def test_fpr_at_tpr():
+    assert common.fpr_at_tpr([0.1, 0.2, 0.3], [0.7, 0.8, 0.9]) == 0.0
+    assert common.fpr_at_tpr([0.7, 0.8, 0.9], [0.1, 0.2, 0.3]) == 1.0
+    assert common.fpr_at_tpr([0.5] * 10, [0.5] * 10) == 1.0  # identical scores: nothing separates them
+    rng = np.random.default_rng(0)
+    same = rng.normal(size=20000)
+    assert abs(common.fpr_at_tpr(same[:10000], same[10000:]) - 0.95) < 0.02
+
+
+def test_roc_curve_ends():
+    fpr, tpr = common.roc_curve([0.1, 0.4], [0.35, 0.8])
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
