@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from modeling_gptb import cli
 from modeling_gptb.train import main as train_main
 
+REPO = Path(__file__).resolve().parents[1]
+
 TINY_RUN = [
     "--max_chars", "20000", "--tokenizer_vocab_size", "300", "--block_size", "16", "--batch_size", "4",
     "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "3", "--eval_batches", "2",
@@ -90,15 +92,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_cpu_processes_with_bf16(tmp_path):
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_two_cpu_processes_with_bf16(tmp_path, launcher):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
-    accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--dynamo_backend", "no", "--mixed_precision", "bf16", "--main_process_port", str(free_port())]
+    port = str(free_port())
+    if launcher == "accelerate":
+        command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2"]
+        command += ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "bf16"]
+        command += ["--main_process_port", port]
+    else:
+        command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", port]
     command += ["-m", "modeling_gptb.train", "--output_dir", str(tmp_path / "out"), *TINY_RUN]
     command += ["--max_steps", "2", "--save_steps", "2", "--eval_steps", "2", "--mixed_precision", "bf16"]
     try:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as hang:
         pytest.fail(f"two-process run hung; its output:\n{hang.stdout}\n{hang.stderr}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -147,3 +154,16 @@ def test_generate_and_art_report_commands(trained, capsys):
     assert "categories from" in out and "novelty" in out and "Return the number" in out
     assert cli.main(["generate", str(trained / "nothing"), "--prompt", "x"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_report_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train(tmp_path / "out", "--max_steps", "4", "--logging_steps", "2", "--report_to", "tensorboard") == 0
+    events = sorted((tmp_path / "out").rglob("events.out.tfevents.*"))
+    logged = set()
+    for path in events:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        logged |= set(accumulator.Tags()["scalars"])
+    assert {"loss", "tokens_per_s", "art_categories", "eval_loss", "eval_perplexity"} <= logged
