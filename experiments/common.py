@@ -373,6 +373,15 @@ def fmt(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def save_results(result: dict, out: Path, plots, report) -> dict:
+    """The end of every experiment: check the numbers, then write the plots, the report and results.json."""
+    check_finite(result)
+    plots(result, out)
+    report(result, out)
+    write_json(out / "results.json", result)
+    return result
+
+
 def write_json(path: Path, data: dict) -> Path:
     path.write_text(json.dumps(data, indent=2, default=float) + "\n")
     return path

@@ -185,11 +185,7 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
         "runs": runs,
         "summary": summary,
     }
-    common.check_finite(result)
-    _plots(result, out)
-    _report(result, out)
-    common.write_json(out / "results.json", result)
-    return result
+    return common.save_results(result, out, _plots, _report)
 
 
 def _plots(result: dict, out: Path) -> None:

@@ -2,18 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import randomize, tiny_model
 from reference import initial_state, reference_sequence, reference_step
-
-
-def randomize(model, seed=0, scale=0.4):
-    """Weights large enough that attention is sharp: a mask or position error changes the numbers visibly."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale
-            param.copy_(1.0 + noise if "ln_" in name and name.endswith("weight") else noise)
-    return model
 
 
 @pytest.mark.parametrize("rebias", [True, False])
