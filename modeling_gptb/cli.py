@@ -63,9 +63,14 @@ def cmd_art_report(args) -> int:
 
 
 def cmd_push(args) -> int:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
     from .hub import push_folder
 
-    url = push_folder(args.folder, args.repo_id, private=args.private, token=args.token)
+    try:
+        url = push_folder(args.folder, args.repo_id, private=args.private, token=args.token)
+    except (HfHubHTTPError, OfflineModeIsEnabled) as error:  # not logged in, no network, no rights: one line
+        raise CLIError(f"the Hub refused the upload: {error}") from error
     print(f"Pushed {args.folder} to {url}")
     return 0
 

@@ -220,6 +220,166 @@ class GPTBPreTrainedModel(PreTrainedModel):
                 config = GPTBConfig.from_gpt2_config(config_dict, **overrides)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
+    # -- the Hub: save_pretrained writes a model card, the push paths upload it instead of transformers' generic one --
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        [`PreTrainedModel.save_pretrained`], plus a `README.md` model card when the folder has none (see
+        [`model_card_text`]). A `README.md` already there, such as the card `gptb train` renders, is never touched.
+
+        With `push_to_hub=True` (and `repo_id`, `commit_message`, `private`, `token`, ... as in transformers) the
+        folder is saved in full first, then the files this call wrote or changed are uploaded with the folder's
+        `README.md` (unless it is the card just written here and the repo already has one, as in [`push_to_hub`]).
+        transformers' own path would upload before a subclass writes its extra files (the ART memory) and would write
+        its generic card, or the repo's, over the folder's `README.md`.
+        """
+        import os
+
+        if kwargs.pop("push_to_hub", False):
+            names = ("repo_id", "private", "commit_message", "commit_description", "create_pr", "revision", "tags")
+            hub = {key: kwargs.pop(key) for key in names if key in kwargs}
+            is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+            if not is_main_process:
+                return self.save_pretrained(save_directory, *args, **kwargs)
+            from transformers.utils.hub import hf_api
+
+            token = kwargs.get("token")
+            repo_id = hub.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            private = hub.pop("private", None)
+            repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+            card_was_there = os.path.isfile(os.path.join(save_directory, "README.md"))
+            timestamps = self._get_files_timestamps(save_directory) if os.path.isdir(save_directory) else {}
+            timestamps.pop("README.md", None)  # the folder's card goes up even when this call did not write it
+            self.save_pretrained(save_directory, *args, repo_id=repo_id, **kwargs)  # via the subclass: its files too
+            return self._push_saved_folder(
+                save_directory, repo_id, timestamps, default_card=not card_was_there, token=token, **hub
+            )
+
+        card = os.path.join(save_directory, "README.md")
+        card_was_there = os.path.isfile(card)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+        if is_main_process and not card_was_there and os.path.isdir(save_directory):
+            with open(card, "w", encoding="utf-8") as f:
+                f.write(self.model_card_text(kwargs.get("repo_id")))
+        return result
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ):
+        """
+        Upload the model to the Hub: what [`save_pretrained`] writes (weights, config with `auto_map`, the code files,
+        `generation_config.json`, `art_memory.safetensors` when the model has an ART memory) and a model card.
+
+        transformers' `PushToHubMixin.push_to_hub` saves to a temporary folder, then writes a generic card over the
+        `README.md` there. Here the card rule is: a card the repo already has stays (with `tags` added), as in
+        transformers; otherwise the card `save_pretrained` wrote is uploaded (GPTB metadata, architecture, usage with
+        `trust_remote_code=True`, and this repo id), never transformers' generic one. To upload a card of your own
+        (for example the one `gptb train` renders), save the folder and push it with `gptb push FOLDER REPO_ID`.
+        Arguments and return value are those of `PushToHubMixin.push_to_hub` (a `CommitInfo`).
+        """
+        import tempfile
+
+        from transformers.utils.hub import hf_api
+
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            self.save_pretrained(tmp_dir, max_shard_size=max_shard_size, repo_id=repo_id)
+            return self._push_saved_folder(
+                tmp_dir,
+                repo_id,
+                {},
+                default_card=True,
+                token=token,
+                tags=tags,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                create_pr=create_pr,
+                revision=revision,
+            )
+
+    def _push_saved_folder(self, folder, repo_id, timestamps, *, default_card, token=None, tags=None, **commit):
+        """
+        Upload the files of `folder` changed since `timestamps` to the existing repo `repo_id`, with `tags` (and the
+        model's `model_tags`) added to the card. When the folder's `README.md` is the card `save_pretrained` has just
+        written (`default_card`) and the repo already has a card, the repo's card is kept instead.
+        """
+        import os
+
+        from huggingface_hub import ModelCard
+        from huggingface_hub.errors import EntryNotFoundError
+
+        card_path = os.path.join(folder, "README.md")
+        card = ModelCard.load(card_path) if os.path.isfile(card_path) else None
+        replaced = False
+        if default_card:
+            try:
+                card, replaced = ModelCard.load(repo_id, token=token), True
+            except EntryNotFoundError:
+                pass
+        tags = [*(self.model_tags or []), *([tags] if isinstance(tags, str) else tags or [])]
+        if card is not None:
+            new_tags = [tag for tag in dict.fromkeys(tags) if tag not in (card.data.tags or [])]
+            if new_tags or replaced:
+                card.data.tags = [*(card.data.tags or []), *new_tags] or None
+                card.save(card_path)
+        return self._upload_modified_files(folder, repo_id, timestamps, token=token, **commit)
+
+    def model_card_text(self, repo_id: str | None = None) -> str:
+        """
+        The `README.md` that [`save_pretrained`] writes into a folder without one: Hub metadata (`library_name:
+        transformers`, `pipeline_tag: text-generation`, tags `gptb`, `custom_code`, ...), the architecture, the ART
+        memory and a usage snippet with `trust_remote_code=True`. `gptb train` replaces it with a fuller card rendered
+        from GPTB's template (training data, steps, eval loss and perplexity).
+        """
+        from huggingface_hub import ModelCardData
+
+        config = self.config
+        tags = ["gptb", "gpt2", "recurrent", "custom_code", *(["art-memory"] if config.art_enabled else [])]
+        metadata = ModelCardData(
+            library_name="transformers",
+            pipeline_tag="text-generation" if self.can_generate() else None,
+            tags=tags,
+        )
+        rows = [
+            ("Architecture", f"GPTB: GPT-2 made recurrent ({type(self).__name__})"),
+            ("Layers / width / heads", f"{config.n_layer} / {config.n_embd} / {config.n_head}"),
+            ("Recurrent state", f"{config.state_size} x {config.n_embd}, the same size at every sequence length"),
+            ("Vocabulary", f"{config.vocab_size:,}"),
+            ("Parameters", f"{self.num_parameters():,}"),
+        ]
+        if config.art_enabled:
+            memory = getattr(self, "art_memory", None)
+            categories = f", {memory.num_categories:,} categories" if memory is not None else ""
+            rows.append(("ART memory", f"{config.art_rule}, vigilance {config.art_vigilance:g}{categories}"))
+        name = repo_id or "path/to/gptb-model"
+        loader = "AutoModelForCausalLM" if self.can_generate() else "AutoModel"
+        table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+        return (
+            f"---\n{metadata.to_yaml()}\n---\n\n"
+            f"# {name.rsplit('/', 1)[-1] if repo_id else 'GPTB model'}\n\n"
+            "A GPTB model: each step reads one token and a fixed-size state (the model's own previous outputs) "
+            "through GPT-2 blocks, so memory and time per token stay constant in the sequence length.\n\n"
+            f"| | |\n|---|---|\n{table}\n\n"
+            "## Usage\n\n"
+            "The model code travels with the weights, so loading needs `trust_remote_code=True`:\n\n"
+            "```python\n"
+            f"from transformers import {loader}, AutoTokenizer\n\n"
+            f'model = {loader}.from_pretrained("{name}", trust_remote_code=True)\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # gptb train saves a tokenizer with the model\n'
+            "```\n"
+        )
+
 
 class GPTBModel(GPTBPreTrainedModel):
     """
