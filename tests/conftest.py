@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny GPTB configs and models that run in milliseconds on a CPU."""
 
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,34 @@ class StopAfter(TrainerCallback):
         if state.global_step >= self.step:
             control.should_training_stop = True
             control.should_save = True
+
+
+# Opening of the fresh-process tests' scripts (argv[1] is the checkout): the checkout is not importable (a virtual
+# environment inside it is kept, as in CI) and `import modeling_gptb` fails, so only remote code can define GPTB.
+WITHOUT_THE_PACKAGE = textwrap.dedent(
+    """
+    import importlib.abc, importlib.util, os, sys
+
+    repo_root = os.path.realpath(sys.argv[1])
+
+    def inside(entry, root):
+        real = os.path.realpath(entry or os.getcwd())
+        return real == root or real.startswith(root + os.sep)
+
+    sys.path[:] = [p for p in sys.path if not inside(p, repo_root) or inside(p, os.path.realpath(sys.prefix))]
+
+    class BlockGPTB(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "modeling_gptb" or name.startswith("modeling_gptb."):
+                raise ImportError(f"{name} is blocked: this process must use the remote code")
+            return None
+
+    sys.meta_path.insert(0, BlockGPTB())
+    try:
+        import modeling_gptb  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("FAIL: modeling_gptb is importable in the remote-code subprocess")
+    """
+)

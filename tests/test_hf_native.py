@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize, tiny_config, tiny_model
+from conftest import WITHOUT_THE_PACKAGE, randomize, tiny_config, tiny_model
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -120,35 +120,9 @@ def test_save_pretrained_writes_auto_map_and_copies_the_code(saved_model):
         assert (folder / name).read_text() == (PACKAGE_DIR / name).read_text()
 
 
-SUBPROCESS_SCRIPT = textwrap.dedent(
+SUBPROCESS_SCRIPT = WITHOUT_THE_PACKAGE + textwrap.dedent(
     """
-    import importlib.abc, os, sys
-
-    repo_root = os.path.realpath(sys.argv[1])
     folder, repo_id, work = sys.argv[2], sys.argv[3], sys.argv[4]
-
-    def inside(entry, root):
-        real = os.path.realpath(entry or os.getcwd())
-        return real == root or real.startswith(root + os.sep)
-
-    def inside_repo(entry):  # the checkout, but not a virtual environment that lives in it (CI's .venv)
-        return inside(entry, repo_root) and not inside(entry, os.path.realpath(sys.prefix))
-
-    sys.path[:] = [entry for entry in sys.path if not inside_repo(entry)]
-
-    class BlockGPTB(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_gptb" or name.startswith("modeling_gptb."):
-                raise ImportError(f"{name} is blocked: this process must use the remote code")
-            return None
-
-    sys.meta_path.insert(0, BlockGPTB())
-    try:
-        import modeling_gptb  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("FAIL: modeling_gptb is importable in the remote-code subprocess")
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -13,7 +13,7 @@ import huggingface_hub.constants as hub_constants
 import huggingface_hub.utils._http as hub_http
 import pytest
 import torch
-from conftest import randomize, tiny_config, tiny_model, tiny_tokenizer
+from conftest import WITHOUT_THE_PACKAGE, randomize, tiny_config, tiny_model, tiny_tokenizer
 from fake_hub import FakeHub
 from huggingface_hub import ModelCard, hf_hub_download, snapshot_download
 from safetensors import safe_open
@@ -75,27 +75,9 @@ def local_files(folder: Path) -> dict[str, bytes]:
 # model.push_to_hub, then a fresh process loads the repo id with trust_remote_code
 
 
-FRESH_PROCESS = textwrap.dedent(
+FRESH_PROCESS = WITHOUT_THE_PACKAGE + textwrap.dedent(
     """
-    import importlib.abc, importlib.util, os, sys
-
-    repo_root = os.path.realpath(sys.argv[1])
     hub_root, repo_id, work = sys.argv[2], sys.argv[3], sys.argv[4]
-
-    def inside(entry, root):
-        real = os.path.realpath(entry or os.getcwd())
-        return real == root or real.startswith(root + os.sep)
-
-    # the checkout is not importable (but a virtual environment inside it is kept), and modeling_gptb is blocked
-    sys.path[:] = [p for p in sys.path if not inside(p, repo_root) or inside(p, os.path.realpath(sys.prefix))]
-
-    class BlockGPTB(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_gptb" or name.startswith("modeling_gptb."):
-                raise ImportError(f"{name} is blocked: this process must use the remote code")
-            return None
-
-    sys.meta_path.insert(0, BlockGPTB())
 
     # the same fake Hub, read from its folder: only huggingface_hub's HTTP transport is replaced
     spec = importlib.util.spec_from_file_location("fake_hub", os.path.join(repo_root, "tests", "fake_hub.py"))
