@@ -29,8 +29,8 @@ class Decoder:
 
     @torch.no_grad()
     def step(self):
-        out = self.model(self.token, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        out = self.model(self.token, cache=self.cache, use_cache=True)
+        self.cache = out.cache
         self.token = out.logits[:, -1:].argmax(-1)
 
 

@@ -74,7 +74,7 @@ class GPTBConfig(PretrainedConfig):
 
     model_type = "gptb"
     # no `max_position_embeddings` alias on purpose: GPTB has no length limit, and generate() would impose one
-    keys_to_ignore_at_inference = ["past_key_values", "past_hidden_states", "art_category", "art_status"]
+    keys_to_ignore_at_inference = ["cache", "past_hidden_states", "art_category", "art_status"]
     attribute_map = {
         "hidden_size": "n_embd",
         "num_attention_heads": "n_head",

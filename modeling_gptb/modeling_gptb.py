@@ -13,15 +13,23 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput, cached_file
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTStatus
 from .configuration_gptb import GPTBConfig
+
+# generate() hands the state over as `cache` from transformers 5.24 on; older versions would silently drop it
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
+    raise ImportError(
+        f"GPTB needs transformers >= 5.24 (found {transformers.__version__}): pip install -U 'transformers>=5.24,<6'"
+    )
 
 # from_pretrained arguments that say where and how to fetch files
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
@@ -40,7 +48,7 @@ class GPTBModelOutput(ModelOutput):
             The last layer's output (after `ln_f`) at the token position of each step.
         past_hidden_states (`torch.FloatTensor` of shape `(batch_size, state_size, n_embd)`):
             The state after the last step: pass it back to continue the sequences.
-        past_key_values ([`GPTBCache`], *optional*):
+        cache ([`GPTBCache`], *optional*):
             The same state wrapped for `generate()`, with the number of positions consumed.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             The window input and each block's output at the token position of each step, `(batch_size,
@@ -49,7 +57,7 @@ class GPTBModelOutput(ModelOutput):
 
     last_hidden_state: torch.FloatTensor | None = None
     past_hidden_states: torch.FloatTensor | None = None
-    past_key_values: "GPTBCache | None" = None
+    cache: "GPTBCache | None" = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -62,7 +70,7 @@ class GPTBCausalLMOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `(1,)`, *optional*): language-modelling loss (plus the ART coupled loss).
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): next-token scores.
         past_hidden_states (`torch.FloatTensor` of shape `(batch_size, state_size, n_embd)`): the final state.
-        past_key_values ([`GPTBCache`], *optional*): the final state wrapped for `generate()`.
+        cache ([`GPTBCache`], *optional*): the final state wrapped for `generate()`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): see [`GPTBModelOutput`].
         art_category, art_status, art_novelty (`torch.Tensor` of shape `(batch_size,)`, *optional*):
             what the ART memory made of each sequence (when `config.art_enabled`).
@@ -71,7 +79,7 @@ class GPTBCausalLMOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_hidden_states: torch.FloatTensor | None = None
-    past_key_values: "GPTBCache | None" = None
+    cache: "GPTBCache | None" = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     art_category: torch.LongTensor | None = None
     art_status: torch.LongTensor | None = None
@@ -87,6 +95,9 @@ class GPTBCache:
 
     is_compileable = False
     is_croppable = False
+    # generate() skips the prompt positions already consumed only for caches that are not all linear attention (its
+    # name for recurrent states that do not count positions); this one counts them, so it wants the skip.
+    is_linear = [False]
 
     def __init__(self, state: torch.Tensor, seq_length: int):
         self.state = state
@@ -176,7 +187,7 @@ class GPTBPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GPTBBlock"]
-    _skip_keys_device_placement = ["past_key_values", "past_hidden_states"]
+    _skip_keys_device_placement = ["cache", "past_hidden_states"]
     _supports_sdpa = True
     _is_stateful = True
     _keys_to_ignore_on_load_unexpected = [r"attn\.bias", r"attn\.masked_bias"]
@@ -437,13 +448,14 @@ class GPTBModel(GPTBPreTrainedModel):
             return x, torch.stack(per_layer, dim=0)
         return x, None
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         past_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values: GPTBCache | None = None,
+        cache: GPTBCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -458,7 +470,8 @@ class GPTBModel(GPTBPreTrainedModel):
                 columns are read; where 0, the step leaves that sequence's state unchanged.
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, n_embd)`, *optional*):
                 token embeddings instead of `input_ids`.
-            past_key_values ([`GPTBCache`], *optional*): `generate()`'s form of `past_hidden_states`.
+            cache ([`GPTBCache`], *optional*): `generate()`'s form of `past_hidden_states` (`past_key_values`
+                before transformers 5.24).
         """
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
@@ -468,7 +481,7 @@ class GPTBModel(GPTBPreTrainedModel):
 
         token_embeds = self._token_embeddings(input_ids, inputs_embeds)
         batch, steps = token_embeds.shape[:2]
-        state, consumed = self._start_state(past_hidden_states, past_key_values, batch, token_embeds)
+        state, consumed = self._start_state(past_hidden_states, cache, batch, token_embeds)
         step_mask = self._step_mask(attention_mask, batch, steps, token_embeds.device)
 
         positions = self.wpe(self.window_positions)
@@ -494,14 +507,14 @@ class GPTBModel(GPTBPreTrainedModel):
         hidden_states = None
         if output_hidden_states:
             hidden_states = tuple(torch.stack(layer_outputs, dim=2).unbind(0))
-        cache = GPTBCache(state, consumed + steps) if use_cache else None
+        new_cache = GPTBCache(state, consumed + steps) if use_cache else None
 
         if not return_dict:
             return tuple(v for v in (last_hidden_state, state, hidden_states) if v is not None)
         return GPTBModelOutput(
             last_hidden_state=last_hidden_state,
             past_hidden_states=state,
-            past_key_values=cache,
+            cache=new_cache,
             hidden_states=hidden_states,
         )
 
@@ -535,16 +548,16 @@ class GPTBModel(GPTBPreTrainedModel):
             raise ValueError(f"`inputs_embeds` is empty (shape {tuple(inputs_embeds.shape)}): pass at least one step")
         return inputs_embeds
 
-    def _start_state(self, past_hidden_states, past_key_values, batch, like):
+    def _start_state(self, past_hidden_states, cache, batch, like):
         """The state to start from and the number of positions it has consumed."""
-        if isinstance(past_key_values, GPTBCache):
+        if isinstance(cache, GPTBCache):
             if past_hidden_states is not None:
-                raise ValueError("Pass the state as `past_hidden_states` or `past_key_values`, not both")
-            past_hidden_states, consumed = past_key_values.state, past_key_values.seq_length
-        elif past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError("Pass the state as `past_hidden_states` or `cache`, not both")
+            past_hidden_states, consumed = cache.state, cache.seq_length
+        elif cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
-                f"`past_key_values` must be a GPTBCache (the state returned by this model), got "
-                f"{type(past_key_values).__name__} holding {past_key_values.get_seq_length()} positions"
+                f"`cache` must be a GPTBCache (the state returned by this model), got "
+                f"{type(cache).__name__} holding {cache.get_seq_length()} positions"
             )
         else:
             consumed = 0
@@ -620,14 +633,14 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         return False
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, past_hidden_states=None, inputs_embeds=None, **kwargs
+        self, input_ids, cache=None, past_hidden_states=None, inputs_embeds=None, **kwargs
     ):
         # `inputs_embeds` is named here so generate() knows the prompt may come as embeddings (first step only).
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs
+            input_ids, cache=cache, inputs_embeds=inputs_embeds, **kwargs
         )
         # A user's starting state is for the first step only; after it the returned cache carries the state.
-        if past_hidden_states is not None and not isinstance(past_key_values, GPTBCache):
+        if past_hidden_states is not None and not isinstance(cache, GPTBCache):
             model_inputs["past_hidden_states"] = past_hidden_states
         return model_inputs
 
@@ -637,12 +650,13 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get("cache")
         if expand_size > 1 and isinstance(cache, GPTBCache):
             state = cache.state.repeat_interleave(expand_size, dim=0)
-            model_kwargs["past_key_values"] = GPTBCache(state, cache.seq_length)
+            model_kwargs["cache"] = GPTBCache(state, cache.seq_length)
         return input_ids, model_kwargs
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -650,7 +664,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values: GPTBCache | None = None,
+        cache: GPTBCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -677,7 +691,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             past_hidden_states=past_hidden_states,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -710,7 +724,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             past_hidden_states=outputs.past_hidden_states,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             art_category=None if art is None else art.category,
             art_status=None if art is None else art.status,

@@ -1,5 +1,8 @@
 """forward over (B, T): shapes, chunking, padding, the manual loop, the loss, training memory and bad input."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,7 @@ def test_shapes_for_any_length(model, steps):
     out = model(tokens(3, steps))
     assert out.logits.shape == (3, steps, 61)
     assert out.past_hidden_states.shape == (3, 3, 32)
-    assert isinstance(out.past_key_values, GPTBCache) and out.past_key_values.get_seq_length() == steps
+    assert isinstance(out.cache, GPTBCache) and out.cache.get_seq_length() == steps
 
 
 @pytest.mark.parametrize("split", [1, 3, 6])
@@ -33,10 +36,14 @@ def test_chunked_calls_equal_one_call(model, split):
 def test_cache_object_continues_like_the_state(model):
     x = tokens(2, 6)
     first = model(x[:, :4])
-    via_cache = model(x[:, 4:], past_key_values=first.past_key_values)
+    via_cache = model(x[:, 4:], cache=first.cache)
     via_state = model(x[:, 4:], past_hidden_states=first.past_hidden_states)
     torch.testing.assert_close(via_cache.logits, via_state.logits)
-    assert via_cache.past_key_values.get_seq_length() == 6
+    assert via_cache.cache.get_seq_length() == 6
+    # the name before transformers 5.24 still works, as in GPT2LMHeadModel, and so does reading it back
+    via_old_name = model(x[:, 4:], past_key_values=first.cache)
+    torch.testing.assert_close(via_old_name.logits, via_state.logits)
+    assert via_old_name.past_key_values is via_old_name.cache
 
 
 def test_masked_steps_leave_the_state_unchanged(model):
@@ -164,3 +171,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_bad_input_is_a_clear_value_error(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model(**kwargs)
+
+
+def test_older_transformers_is_refused_with_the_fix():
+    # before 5.24 generate() looks for the state under `past_key_values` and would silently start over every token
+    code = (
+        "import transformers; transformers.__version__ = '5.23.0'\n"
+        "try:\n    import modeling_gptb.modeling_gptb\nexcept ImportError as error:\n    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "GPTB needs transformers >= 5.24 (found 5.23.0)" in result.stdout
+    assert "pip install -U 'transformers>=5.24,<6'" in result.stdout

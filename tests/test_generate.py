@@ -39,7 +39,7 @@ def record_calls(model):
     def body_hook(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         steps = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache")
         state = cache.state if isinstance(cache, GPTBCache) else kwargs.get("past_hidden_states")
         calls.append((steps, None if state is None else tuple(state.shape)))
 
@@ -205,7 +205,7 @@ def test_thousands_of_tokens_constant_state_and_one_token_per_step():
     assert all(state == (2, M, D) for _, state in calls[1:])
     assert set(windows) == {M + 1}  # every block call reads the same window, whatever the position
     assert len(windows) == model.config.n_layer * (5 + new - 1)
-    cache = out.past_key_values
+    cache = out.cache
     assert isinstance(cache, GPTBCache)
     assert cache.state.shape == (2, M, D)
     assert cache.get_seq_length() == 5 + new - 1  # the last token is returned, not yet consumed
@@ -250,14 +250,12 @@ def test_continue_from_returned_cache_with_full_sequence(pass_attention_mask):
     model = sharp_model(eos_token_id=None)
     input_ids = prompts(2, 4, seed=8)
     first = model.generate(input_ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    assert first.past_key_values.get_seq_length() == 8
+    assert first.cache.get_seq_length() == 8
     more = torch.tensor([[13, 17], [19, 23]])
     full = torch.cat([first.sequences, more], dim=1)
     extra = {"attention_mask": torch.ones_like(full)} if pass_attention_mask else {}
     with record_calls(model) as (calls, _):
-        continued = model.generate(
-            full, past_key_values=first.past_key_values, max_new_tokens=6, do_sample=False, **extra
-        )
+        continued = model.generate(full, cache=first.cache, max_new_tokens=6, do_sample=False, **extra)
     # only what the state has not consumed is fed: the last generated token and the two new ones
     assert calls[0] == (3, (2, M, D))
     assert all(steps == 1 for steps, _ in calls[1:])
@@ -272,15 +270,15 @@ def test_continue_from_returned_cache_with_beams_and_samples():
     model = sharp_model(eos_token_id=None)
     input_ids = prompts(2, 4, seed=13)
     first = model.generate(input_ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    cache = first.past_key_values
+    cache = first.cache
     state_before = cache.state.clone()
     full = torch.cat([first.sequences, torch.tensor([[21], [22]])], dim=1)
     beams = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False)
-    continued = model.generate(full, past_key_values=cache, **beams)
+    continued = model.generate(full, cache=cache, **beams)
     assert torch.equal(continued, model.generate(full, **beams))
     samples = dict(max_new_tokens=6, do_sample=True, top_k=0, num_return_sequences=3)
     torch.manual_seed(11)
-    continued = model.generate(full, past_key_values=cache, **samples)
+    continued = model.generate(full, cache=cache, **samples)
     torch.manual_seed(11)
     assert torch.equal(continued, model.generate(full, **samples))
     # the caller's cache is not consumed: it can be continued from again
@@ -304,7 +302,7 @@ def test_continue_left_padded_batch_from_returned_cache():
     continued = model.generate(
         full,
         attention_mask=full_mask,
-        past_key_values=first.past_key_values,
+        cache=first.cache,
         pad_token_id=60,
         max_new_tokens=5,
         do_sample=False,
