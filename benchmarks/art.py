@@ -122,13 +122,17 @@ def compare_rule(ctx: Context, rule: str, categories: int, updates: int, referen
         memory.load_state_dict(start)
         return memory.update(rows[:count])
 
+    def timed_ours():  # the update alone, from the same starting memory each time
+        memory.load_state_dict(start)
+        return time_once(lambda: memory.update(rows), ctx.device)
+
     # ours, the reference once, ours again: the reference is slow, so it runs once between our repetitions
     ours()
-    times = [time_once(ours, ctx.device)]
+    times = [timed_ours()]
     begin = time.perf_counter()
     expected = [reference.update(x) for x in stream[:reference_updates].double()]
     reference_seconds = time.perf_counter() - begin
-    times += [time_once(ours, ctx.device) for _ in range(2)]
+    times += [timed_ours() for _ in range(2)]
     seconds = statistics.median(times)
 
     decided = ours()
@@ -152,11 +156,29 @@ def compare_rule(ctx: Context, rule: str, categories: int, updates: int, referen
         "reference_updates": reference_updates,
     }
     result["ratio"] = result["updates_per_s"] / result["reference_updates_per_s"]
+    if rule == "cosine":  # its floor: the float32 matmul of every input against every category, in row blocks
+        result["matmul_floor_s"] = cosine_matmul_floor(ctx, updates, (categories + categories_after) // 2)
+        result["matmul_fraction"] = result["matmul_floor_s"] / seconds
     if ctx.cuda:  # GPU goal: 10x our own exact update on the CPU
         _, cpu_memory, _ = build(ctx, rule, categories, updates, torch.device("cpu"))
         cpu_seconds = time_once(lambda: cpu_memory.update(stream), torch.device("cpu"))
         result["cpu_updates_per_s"] = updates / cpu_seconds
     return result
+
+
+def cosine_matmul_floor(ctx: Context, updates: int, categories: int, block: int = 128) -> float:
+    """Seconds the cosine update's unavoidable work takes alone: float32 scores of `updates` inputs against
+    `categories` prototypes, as matmuls of `block` rows (the engine's block size)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(updates, ctx.sizes.art_dim, generator=generator).to(ctx.device)
+    prototypes = torch.randn(categories, ctx.sizes.art_dim, generator=generator).to(ctx.device)
+
+    def scores():
+        for rows in inputs.split(block):
+            rows @ prototypes.T
+
+    scores()
+    return statistics.median(time_once(scores, ctx.device) for _ in range(3))
 
 
 def run(ctx: Context) -> dict:
@@ -180,6 +202,14 @@ def run(ctx: Context) -> dict:
                 met=(result["ratio"] >= goal) if goal else None,
             )
         )
+        if "matmul_fraction" in result:
+            rows.append(
+                row(
+                    f"{rule}: time of its float32 input-by-category score matmuls alone, over the update's time",
+                    f"{result['matmul_fraction']:.0%}",
+                    f"{result['matmul_floor_s'] * 1e3:.1f} ms of matmuls",
+                )
+            )
         rows.append(
             row(
                 f"{rule}: same categories and statuses as the reference; max prototype difference",

@@ -218,7 +218,7 @@ def _unit(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows scaled to unit length (zero rows stay zero) and rounded to `dtype`: their products are cosines, in a safe
     range whatever the scale of the vectors."""
     norms = torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-    return torch.div(v, norms, out=v.new_empty(v.shape, dtype=dtype))
+    return (v / norms).to(dtype)  # two passes: a division into another dtype is several times slower on CPU
 
 
 def _exact_argmax(scores, tolerance, x, seen):
@@ -380,7 +380,9 @@ class CosineRule(ARTRule):
         # rows that an earlier row's update could sway are decided again, and typical blocks agree at once.
         kw = w.shape[0] - 1  # the overflow row
         dtype, tolerance = _approx_dtype(rows)
-        units, w_units = _unit(rows, dtype), _unit(w, dtype)  # their products are (approximate) cosines
+        units = _unit(rows, dtype)  # products of unit rows are (approximate) cosines
+        w_units = units.new_empty(w.shape)  # rows past the categories in use are written as they are created
+        w_units[:num_committed] = _unit(w[:num_committed], dtype)
         vigilance = params["vigilance"]
         k, start, block = num_committed, 0, self.block_size
         steps = []
@@ -404,7 +406,8 @@ class CosineRule(ARTRule):
                     start_w = torch.where((guess[0] == first[0])[:, None], start_w, w.index_select(0, guess[0]))
                 versions = chains.versions(x, start_w, existing, guess[1], params["beta"])
                 v_units = _unit(versions, dtype)
-                checked = self._recheck(x, x_units, v_units, scores, tolerance, _Seen(w, chains, versions), first)
+                seen = _Seen(w, chains, versions)
+                checked = self._recheck(x, x_units, v_units, w_units[:k], scores, tolerance, seen, first)
                 checked = _targets(checked[0], checked[1] >= vigilance, guess[1], k, kw) + (checked[1],)
                 agree = (checked[0] == guess[0]) & (checked[1] == guess[1])
                 # Rows before the first disagreement are right; if all agree, the whole block is.
@@ -426,7 +429,7 @@ class CosineRule(ARTRule):
         return _Steps(target, resonated, similarity, similarity, committed.new_full((1,), k))
 
     @staticmethod
-    def _recheck(x, x_units, v_units, scores, tolerance, seen, first):
+    def _recheck(x, x_units, v_units, start_units, scores, tolerance, seen, first):
         """
         Winners and similarities of a block's rows given the guessed updates of the rows before each (`seen`).
 
@@ -438,16 +441,31 @@ class CosineRule(ARTRule):
         m, kb = scores.shape
         winner, best, similarity = (field.clone() for field in first)
         current = chains.current
-        version_scores = (x_units @ v_units.T).masked_fill(~current, -math.inf)
         columns = torch.where(chains.applies, chains.target, 0).expand(m, m)
+        start_scores = scores.gather(1, columns)  # each row against the block-start prototype of each row's category
         floor = best[:, None] - tolerance
         earlier = chains.applies[None, :] & (chains.rows[None, :] < chains.rows[:, None])
-        swayed = ((scores.gather(1, columns) >= floor) & earlier) | ((version_scores >= floor) & current)
+        swayed = (start_scores >= floor) & earlier
+        # Which versions score near a row's best: a version's cosine is at most the block-start prototype's plus the
+        # distance the unit prototype moved, so only versions that bound cannot rule out are scored (not all m).
+        existing = chains.target < start_units.shape[0]  # a category in use at the block start (not a new one)
+        if existing.any():
+            start = start_units.index_select(0, torch.where(existing, chains.target, 0))
+            moved = torch.linalg.vector_norm(v_units - start, dim=1)
+        else:
+            moved = torch.zeros_like(best, dtype=v_units.dtype)
+        bound = torch.where(existing[None, :], start_scores + moved[None, :] + tolerance, math.inf)
+        candidates = current & (bound >= floor)
+        scored = candidates.any(0).nonzero().squeeze(1)
+        if scored.numel():
+            version_scores = x_units @ v_units.index_select(0, scored).T
+            swayed[:, scored] |= candidates[:, scored] & (version_scores >= floor)
         rows = swayed.any(1).nonzero().squeeze(1)
         if rows.numel():
             touched_before = chains.first_touch()[:kb] < rows[:, None]
             merged = scores.index_select(0, rows).masked_fill(touched_before, -math.inf)
-            merged.scatter_reduce_(1, columns.index_select(0, rows), version_scores.index_select(0, rows), "amax")
+            version_scores = (x_units.index_select(0, rows) @ v_units.T).masked_fill(~current[rows], -math.inf)
+            merged.scatter_reduce_(1, columns.index_select(0, rows), version_scores, "amax")
             x_rows = x.index_select(0, rows)
             decided = _decide_cosine(x_rows, torch.linalg.vecdot(x_rows, x_rows), merged, tolerance, seen, rows)
             winner[rows], similarity[rows] = decided[0], decided[2]
@@ -763,10 +781,12 @@ class ARTMemory(nn.Module):
         # A working copy (score dtype) of every category this call can reach, plus an overflow row at index `kw` that
         # takes the write of a rejected input. The buffers are written once the call is done.
         kw = min(start + n, self.max_categories)
+        # Rows from `start` on are written when their category is created and never read before (left uninitialised:
+        # touching them would cost as much as the update's arithmetic).
         w = rows.new_empty(kw + 1, self.stored_dim)
-        w[:kw], w[kw] = self.weight[:kw], 0
+        w[:start], w[kw] = self.weight[:start], 0
         counts = self.category_counts.new_zeros(kw + 1)
-        counts[:kw] = self.category_counts[:kw]
+        counts[:start] = self.category_counts[:start]
         steps = self._rule.update_rows(w, counts, self.num_committed.view(1).clone(), start, rows, self._params())
         touched = steps.target[steps.target < kw].unique()
         self.weight.index_copy_(0, touched, w.index_select(0, touched).to(self.weight.dtype))
