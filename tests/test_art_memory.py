@@ -193,16 +193,17 @@ def test_update_matches_reference_for_any_batching(case, seed):
             assert_same_memory(memory, reference)
 
 
+@pytest.mark.parametrize("rule, vigilance", [("cosine", 0.97), ("fuzzy", 0.9)])
 @pytest.mark.parametrize("knobs", [(1, 1, 1, 1), (2, 1, 4, 1), (4, 2, 16, 2), (128, 64, 512, 8)])
-def test_block_engine_is_exact_whatever_its_sizes(monkeypatch, knobs):
+def test_block_engine_is_exact_whatever_its_sizes(monkeypatch, knobs, rule, vigilance):
     """Tiny blocks and a single round force partial blocks and the accept-the-agreeing-prefix path."""
     for name, value in zip(("block_size", "min_block_size", "max_block_size", "max_rounds"), knobs, strict=True):
-        monkeypatch.setattr(CosineRule, name, value)
+        monkeypatch.setattr(ART_RULES[rule], name, value)
     # Many close clusters in 3-D: decisions inside a block depend on each other all the time.
-    rows = clustered(7, 300, 3, 10, 0.35)
-    reference = ReferenceART("cosine", 0.97, 0.4, max_categories=60)
+    rows = clustered(7, 300, 3, 10, 0.35, unit=rule == "fuzzy")
+    reference = ReferenceART(rule, vigilance, 0.4, max_categories=60)
     expected = reference.update(rows)
-    memory = ARTMemory(3, vigilance=0.97, beta=0.4, max_categories=60, dtype=torch.float64)
+    memory = ARTMemory(3, rule=rule, vigilance=vigilance, beta=0.4, max_categories=60, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_matches(memory.update(rows), expected)
