@@ -453,7 +453,7 @@ class ARTRule:
 
     def _apply(self, call, w, target, last, versions):
         """Write the accepted rows' updates: each category takes the last version of its chain."""
-        w.index_copy_(0, target, versions.index_select(0, last))
+        w.index_copy_(0, target, _latest(versions, last, target.shape[0]))
 
 
 class CosineRule(ARTRule):
@@ -521,8 +521,8 @@ class CosineRule(ARTRule):
         return _Decisions(winner, similarity >= params["vigilance"], similarity, similarity)
 
     def _apply(self, call, w, target, last, versions):
-        w.index_copy_(0, target, versions[0].index_select(0, last))
-        call["w_units"].index_copy_(0, target, versions[1].index_select(0, last))
+        w.index_copy_(0, target, _latest(versions[0], last, target.shape[0]))
+        call["w_units"].index_copy_(0, target, _latest(versions[1], last, target.shape[0]))
 
     @staticmethod
     def _redecide(x, x_units, v_units, start_units, scores, tolerance, seen, first):
@@ -613,10 +613,17 @@ class _Chains:
         first = self.target.new_full((self.kw + 1,), m)
         return first.scatter_reduce(0, self.target, torch.where(self.applies, self.rows, m), "amin")
 
-    def last(self, p: int) -> torch.Tensor:
-        """For each of the first `p` rows, the last of them that updates the same category (itself if none)."""
+    def last(self, p: int) -> torch.Tensor | None:
+        """For each of the first `p` rows, the last of them that updates the same category (itself if none); None
+        when each is its own last (no two update the same category), the usual case."""
         rows = self.rows[:p]
-        return torch.where(self.same[:p, :p], rows[None, :], rows[:, None]).amax(1)
+        last = torch.where(self.same[:p, :p], rows[None, :], rows[:, None]).amax(1)
+        return None if bool((last == rows).all()) else last
+
+
+def _latest(versions: torch.Tensor, last: torch.Tensor | None, p: int) -> torch.Tensor:
+    """The version each of the first `p` rows' categories ends the block with (see `_Chains.last`)."""
+    return versions[:p] if last is None else versions.index_select(0, last)
 
 
 class _Seen:
