@@ -357,6 +357,27 @@ def load_text_files(path: str | os.PathLike) -> list[str]:
     return texts
 
 
+def hold_out(texts: list[str], percent: int = VALIDATION_PERCENT) -> tuple[list[str], list[str]]:
+    """Split documents into training and held-out texts that share nothing.
+
+    With enough documents, every (100 / percent)-th one is held out whole. With fewer (a single file, say), the last
+    `percent`% of each document is held out instead, cut at a line break where there is one, so the held-out loss is
+    never measured on training text.
+    """
+    every = 100 // percent
+    if len(texts) >= every:
+        return [t for i, t in enumerate(texts) if i % every != every - 1], texts[every - 1 :: every]
+    train, held_out = [], []
+    for text in texts:
+        cut = len(text) - max(1, len(text) * percent // 100)
+        line_break = text.rfind("\n", 0, cut + 1)
+        if line_break > 0:
+            cut = line_break + 1
+        train.append(text[:cut])
+        held_out.append(text[cut:])
+    return [t for t in train if t.strip()], [t for t in held_out if t.strip()]
+
+
 def _read_text_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark rather than train on it

@@ -99,9 +99,7 @@ def check_output_dir(args: TrainArgs) -> Path:
 def load_texts(args: TrainArgs) -> tuple[list[str], list[str], str]:
     """Training and held-out texts, and a description of where they came from."""
     if args.data:
-        texts = gptb_data.load_text_files(args.data)
-        held_out = [text for i, text in enumerate(texts) if i % 20 == 19] or texts[-1:]
-        train = [text for i, text in enumerate(texts) if i % 20 != 19] or texts
+        train, held_out = gptb_data.hold_out(gptb_data.load_text_files(args.data))
         return train, held_out, f"text files under {args.data}"
     if args.dataset:
         train = gptb_data.load_hf_dataset(args.dataset, split="train")
@@ -243,7 +241,13 @@ def train(args: TrainArgs) -> dict:
     train_texts, eval_texts, data_source = load_texts(args)
     tokenizer = build_tokenizer(args, train_texts, model_preset, accelerator, output)
     train_set = gptb_data.TokenBlockDataset.from_texts(train_texts, tokenizer, args.block_size)
-    eval_set = gptb_data.TokenBlockDataset.from_texts(eval_texts, tokenizer, args.block_size)
+    try:
+        eval_set = gptb_data.TokenBlockDataset.from_texts(eval_texts, tokenizer, args.block_size)
+    except ValueError as err:
+        held_out = (
+            "every 20th file, or the last 5% of each when there are fewer" if args.data else "its validation split"
+        )
+        raise ValueError(f"the held-out text of {data_source} ({held_out}) is too short: {err}") from None
     model = build_model(args, model_preset, tokenizer)
     if accelerator.device.type == "cpu":
         # A small model's step is many tiny ops: thread-pool hand-offs cost more than they save (3x on gptb-tiny).

@@ -320,3 +320,16 @@ def test_collator_masks_left_padding_in_the_labels(bpe):
 def test_dataset_rejects_non_blocks():
     with pytest.raises(ValueError, match="2-D LongTensor"):
         TokenBlockDataset(torch.zeros(4, 3))
+
+
+def test_hold_out_never_shares_text_with_training():
+    one_file = "".join(f"line {i} of the only file\n" for i in range(200))
+    train, held_out = data.hold_out([one_file])
+    assert train[0] + held_out[0] == one_file  # a cut, not a copy
+    assert held_out[0].startswith("line 190") and len(held_out[0]) < len(one_file) // 10  # the last 5%, at a line
+    no_line_breaks = "x" * 1000
+    train, held_out = data.hold_out([no_line_breaks])
+    assert (len(train[0]), len(held_out[0])) == (950, 50)
+    many = [f"document {i}" for i in range(45)]
+    train, held_out = data.hold_out(many)
+    assert held_out == ["document 19", "document 39"] and len(train) == 43 and not set(train) & set(held_out)
