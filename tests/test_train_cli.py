@@ -130,6 +130,9 @@ def test_bad_input_fails_clearly(tmp_path, capsys, trained):
     (tmp_path / "notckpt").mkdir()
     failing(capsys, tmp_path / "d", "--resume", str(tmp_path / "notckpt"), message="not a GPTB training checkpoint")
     failing(capsys, tmp_path / "e", "--resume", message="no checkpoint under")
+    small = tmp_path / "small.txt"  # enough to train on, but its held-out last 5% is shorter than a block of 64
+    small.write_text("".join(f"line {i} of a small file\n" for i in range(60)))
+    failing(capsys, tmp_path / "f", "--data", str(small), "--block_size", "64", message="held-out text of text files")
 
 
 def test_damaged_checkpoint_and_a_failed_run_never_replace_a_good_model(tmp_path, capsys, trained):
