@@ -41,7 +41,8 @@ def test_cache_object_continues_like_the_state(model):
     torch.testing.assert_close(via_cache.logits, via_state.logits)
     assert via_cache.cache.get_seq_length() == 6
     # the name before transformers 5.24 still works, as in GPT2LMHeadModel, and so does reading it back
-    via_old_name = model(x[:, 4:], past_key_values=first.cache)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        via_old_name = model(x[:, 4:], past_key_values=first.cache)
     torch.testing.assert_close(via_old_name.logits, via_state.logits)
     assert via_old_name.past_key_values is via_old_name.cache
 
@@ -135,7 +136,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model = tiny_model(resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1).train()
     torch.manual_seed(7)
     plain = grads(model, x)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert model.transformer.gradient_checkpointing
     torch.manual_seed(7)
     checkpointed = grads(model, x)

@@ -96,6 +96,7 @@ def one_step_weights(tokenizer, datasets, tmp_path, batch, accumulation, **overr
         **overrides,
     )
     trainer.train()
+    assert model.transformer.gradient_checkpointing == overrides.get("activation_checkpointing", False)
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -111,7 +112,7 @@ def test_gradient_accumulation_equals_a_bigger_batch(tokenizer, datasets, tmp_pa
 def test_activation_checkpointing_from_the_trainer_argument(tokenizer, datasets, tmp_path):
     plain = one_step_weights(tokenizer, datasets, tmp_path / "plain", batch=8, accumulation=1)
     checkpointed = one_step_weights(
-        tokenizer, datasets, tmp_path / "ckpt", batch=8, accumulation=1, gradient_checkpointing=True
+        tokenizer, datasets, tmp_path / "ckpt", batch=8, accumulation=1, activation_checkpointing=True
     )
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
