@@ -10,6 +10,7 @@ continues from the latest one. At the end `OUTPUT_DIR` holds a Hub-ready model f
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -111,17 +112,40 @@ def load_texts(args: TrainArgs) -> tuple[list[str], list[str], str]:
     return train, held_out, f"embedded corpus '{args.corpus}' ({gptb_data.CORPORA[args.corpus].description})"
 
 
-def build_tokenizer(args: TrainArgs, texts: list[str], model_preset: dict, accelerator: Accelerator, output: Path):
-    """The user's tokenizer, the warm-start checkpoint's, or a byte-level BPE trained on the corpus (on rank 0)."""
+def build_tokenizer(
+    args: TrainArgs, texts: list[str], model_preset: dict, accelerator: Accelerator, output: Path, resuming: bool
+):
+    """
+    The user's tokenizer, the warm-start checkpoint's, or a byte-level BPE trained on the corpus (on rank 0).
+
+    A trained one is kept beside the checkpoints, so a resumed run reads the one its weights were trained with; a
+    fresh run retrains it unless it was made from the same texts and vocabulary size (a failed run on other data, or
+    a run being replaced, may have left one behind).
+    """
     source = args.tokenizer or args.init_from
     if source:
         return AutoTokenizer.from_pretrained(source)
     cached = output / "checkpoints" / "tokenizer"
     vocab_size = args.tokenizer_vocab_size or model_preset.get("vocab_size", 4096)
     with accelerator.main_process_first():
-        if accelerator.is_main_process and not (cached / "tokenizer.json").is_file():
-            train_tokenizer(texts, vocab_size=vocab_size).save_pretrained(cached)
+        if accelerator.is_main_process and not (resuming and (cached / "tokenizer.json").is_file()):
+            made_from = {"texts_sha256": texts_digest(texts), "vocab_size": vocab_size}
+            record = cached / TOKENIZER_SOURCE_FILE
+            if not record.is_file() or json.loads(record.read_text()) != made_from:
+                train_tokenizer(texts, vocab_size=vocab_size).save_pretrained(cached)
+                record.write_text(json.dumps(made_from))
     return AutoTokenizer.from_pretrained(cached)
+
+
+TOKENIZER_SOURCE_FILE = "gptb_tokenizer_source.json"  # what a kept tokenizer was trained from
+
+
+def texts_digest(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")  # document boundaries count
+    return digest.hexdigest()
 
 
 def build_model(args: TrainArgs, model_preset: dict, tokenizer) -> GPTBLMHeadModel:
@@ -239,7 +263,7 @@ def train(args: TrainArgs) -> dict:
         output.mkdir(parents=True, exist_ok=True)
 
     train_texts, eval_texts, data_source = load_texts(args)
-    tokenizer = build_tokenizer(args, train_texts, model_preset, accelerator, output)
+    tokenizer = build_tokenizer(args, train_texts, model_preset, accelerator, output, resume_from is not None)
     train_set = gptb_data.TokenBlockDataset.from_texts(train_texts, tokenizer, args.block_size)
     try:
         eval_set = gptb_data.TokenBlockDataset.from_texts(eval_texts, tokenizer, args.block_size)

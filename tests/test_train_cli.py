@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_gptb import cli
+from modeling_gptb.train import TrainArgs, build_tokenizer
 from modeling_gptb.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,3 +171,23 @@ def test_report_to_tensorboard(tmp_path):
         accumulator.Reload()
         logged |= set(accumulator.Tags()["scalars"])
     assert {"loss", "tokens_per_s", "art_categories", "eval_loss", "eval_perplexity"} <= logged
+
+
+def test_a_kept_tokenizer_is_reused_only_for_the_same_texts_or_a_resume(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator, preset = Accelerator(cpu=True), {"vocab_size": 300}
+    args = TrainArgs(output_dir=str(tmp_path))
+    texts = ["the same small corpus, " * 40, "with two documents. " * 40]
+    other = ["a failed run on other text left its tokenizer behind " * 40]
+
+    def vocabulary(corpus, resuming=False):
+        return build_tokenizer(args, corpus, preset, accelerator, tmp_path, resuming).get_vocab()
+
+    first = vocabulary(texts)
+    kept = tmp_path / "checkpoints" / "tokenizer" / "tokenizer.json"
+    written = kept.stat().st_mtime_ns
+    assert vocabulary(texts) == first and kept.stat().st_mtime_ns == written  # same texts: reused, not retrained
+    assert vocabulary(other, resuming=True) == first  # a resumed run keeps the tokenizer its weights know
+    assert vocabulary(other) != first  # a fresh run on other texts trains its own
+    assert vocabulary(texts) == first  # and back: deterministic training
