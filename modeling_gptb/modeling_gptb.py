@@ -218,8 +218,8 @@ class GPTBPreTrainedModel(PreTrainedModel):
         """
         Load a GPTB checkpoint, or warm-start from a GPT-2 checkpoint (folder or Hub id).
 
-        For a GPT-2 checkpoint the config is converted ([`GPTBConfig.from_gpt2_config`]) with GPTB's own fields taken
-        from `kwargs` (for example `state_size=16`); wte, wpe, every block, ln_f and lm_head load unchanged and only
+        For a GPT-2 checkpoint the config is converted ([`GPTBConfig.from_gpt2_config`]) with GPTB's own fields read
+        out of `kwargs` (for example `state_size=16`); wte, wpe, every block, ln_f and lm_head load unchanged and only
         `transformer.initial_embeds` is new.
         """
         if config is None and pretrained_model_name_or_path is not None:
@@ -350,8 +350,8 @@ class GPTBPreTrainedModel(PreTrainedModel):
         """
         The `README.md` that [`save_pretrained`] writes into a folder without one: Hub metadata (`library_name:
         transformers`, `pipeline_tag: text-generation`, tags `gptb`, `custom_code`, ...), the architecture, the ART
-        memory and a usage snippet with `trust_remote_code=True`. `gptb train` replaces it with a fuller card rendered
-        from GPTB's template (training data, steps, eval loss and perplexity).
+        memory and a usage snippet with `trust_remote_code=True`. `gptb train` replaces it with a fuller card, rendered
+        with GPTB's template (training data, steps, eval loss and perplexity).
         """
         from huggingface_hub import ModelCardData
 
