@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from modeling_gptb.art_memory import ARTMemory
+from modeling_gptb.art_memory import ARTMemory, CosineRule
 
 from .common import Context, row, time_once
 
@@ -166,10 +166,11 @@ def compare_rule(ctx: Context, rule: str, categories: int, updates: int, referen
     return result
 
 
-def cosine_floor(ctx: Context, updates: int, categories: int, block: int = 128) -> float:
-    """Seconds of the cosine scores alone: float32 matmuls of `block` inputs (the engine's block size) by the
+def cosine_floor(ctx: Context, updates: int, categories: int) -> float:
+    """Seconds of the cosine scores alone: float32 matmuls of blocks of inputs (the engine's largest) by the
     prototypes."""
     inputs, prototypes = _random(ctx, updates, categories, torch.float32)
+    block = CosineRule.max_block_size
     return _median_time(ctx, lambda: [rows @ prototypes.T for rows in inputs.split(block)])
 
 

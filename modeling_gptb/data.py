@@ -357,6 +357,10 @@ def load_text_files(path: str | os.PathLike) -> list[str]:
     return texts
 
 
+# What `hold_out` keeps for evaluation, in words
+HOLD_OUT_RULE = f"every {100 // VALIDATION_PERCENT}th file, or the last {VALIDATION_PERCENT}% of each when fewer"
+
+
 def hold_out(texts: list[str], percent: int = VALIDATION_PERCENT) -> tuple[list[str], list[str]]:
     """Split documents into training and held-out texts that share nothing.
 

@@ -268,9 +268,7 @@ def train(args: TrainArgs) -> dict:
     try:
         eval_set = gptb_data.TokenBlockDataset.from_texts(eval_texts, tokenizer, args.block_size)
     except ValueError as err:
-        held_out = (
-            "every 20th file, or the last 5% of each when there are fewer" if args.data else "its validation split"
-        )
+        held_out = gptb_data.HOLD_OUT_RULE if args.data else "its validation split"
         raise ValueError(f"the held-out text of {data_source} ({held_out}) is too short: {err}") from None
     model = build_model(args, model_preset, tokenizer)
     if accelerator.device.type == "cpu":
