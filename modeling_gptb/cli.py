@@ -84,13 +84,13 @@ def cmd_corpora(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from benchmarks.__main__ import main as bench_main
+    from .benchmarks.__main__ import main as bench_main
 
     return bench_main(args.rest)
 
 
 def cmd_experiment(args) -> int:
-    from experiments.__main__ import main as experiment_main
+    from .experiments.__main__ import main as experiment_main
 
     return experiment_main(args.rest)
 

@@ -1,4 +1,4 @@
-"""Smoke test of `python -m benchmarks`: every section runs at tiny sizes and writes its table and JSON.
+"""Smoke test of `gptb bench`: every section runs at tiny sizes and writes its table and JSON.
 
 No timing is asserted (speed lives in the benchmarks, DESIGN.md §6); this only keeps the benchmark code from rotting.
 """
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from benchmarks.__main__ import SECTIONS, main
+from modeling_gptb.benchmarks.__main__ import SECTIONS, main
 
 ROW_KEYS = {"measure", "value", "baseline", "ratio", "goal", "met"}
 
@@ -21,8 +21,8 @@ def keep_threads():
 
 
 def test_every_section_runs_at_tiny_sizes(tmp_path, keep_threads, capsys):
-    json_path, markdown_path = tmp_path / "bench.json", tmp_path / "bench.md"
-    assert main(["--size", "tiny", "--device", "cpu", "--json", str(json_path), "--markdown", str(markdown_path)]) == 0
+    json_path, markdown_path = tmp_path / "gptb-bench-cpu.json", tmp_path / "gptb-bench-cpu.md"
+    assert main(["--size", "tiny", "--device", "cpu", "--output", str(tmp_path)]) == 0
 
     result = json.loads(json_path.read_text())
     assert result["device"] == "cpu" and result["sizes"]["name"] == "tiny"
@@ -55,13 +55,19 @@ def test_every_section_runs_at_tiny_sizes(tmp_path, keep_threads, capsys):
     assert table in capsys.readouterr().out
 
 
-def test_gptb_bench_runs_the_benchmarks(tmp_path, keep_threads):
+def test_gptb_bench_writes_into_the_current_directory(tmp_path, keep_threads, monkeypatch):
     from modeling_gptb.cli import main as gptb
 
-    json_path = tmp_path / "bench.json"
-    args = ["bench", "--size", "tiny", "--device", "cpu", "--only", "matmul", "--json", str(json_path)]
-    assert gptb([*args, "--markdown", str(tmp_path / "bench.md")]) == 0
-    assert list(json.loads(json_path.read_text())["sections"]) == ["matmul"]
+    monkeypatch.chdir(tmp_path)
+    assert gptb(["bench", "--size", "tiny", "--device", "cpu", "--only", "matmul"]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["gptb-bench-cpu.json", "gptb-bench-cpu.md"]
+    assert list(json.loads((tmp_path / "gptb-bench-cpu.json").read_text())["sections"]) == ["matmul"]
+
+
+def test_bench_help_names_the_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: gptb bench")
 
 
 def test_unknown_section_is_an_error(capsys):

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from experiments import EXPERIMENTS, common
-from experiments.__main__ import main
+from modeling_gptb.experiments import EXPERIMENTS, common
+from modeling_gptb.experiments.__main__ import main
 
 EXPECTED = {
     "sample_efficiency": ({"runs", "summary", "config", "seeds", "machine"}, ["curves.png", "ablations.png"]),

@@ -1,7 +1,8 @@
-"""`python -m benchmarks` (or `gptb bench`): GPTB and ARTMemory against GPT-2, the original loop and the hardware.
+"""`gptb bench` (or `python -m modeling_gptb.benchmarks`): GPTB and ARTMemory against GPT-2, the original loop and the
+hardware.
 
-Prints a markdown table and writes the figures as JSON (default `benchmarks/results/<device>.json`) and the table as
-`benchmarks/results/latest_<device>.md`. See DESIGN.md §6 for how speed is measured.
+Prints a markdown table and writes the figures as JSON and the table as markdown into the current directory
+(`gptb-bench-<device>.json`, `gptb-bench-<device>.md`) or `--output DIR`. How speed is measured: docs/design.md.
 """
 
 import argparse
@@ -15,8 +16,8 @@ import torch
 
 from .common import SIZES, Context, pick_device, sizes_dict
 
+DESCRIPTION = "Benchmark GPTB and ARTMemory against GPT-2, the one-at-a-time ART loop and the hardware."
 SECTIONS = ("matmul", "step", "generate", "art", "trainer")
-RESULTS = Path(__file__).resolve().parent / "results"
 # One CPU thread unless asked: on a shared machine torch's OpenMP workers make every small op of a step wait for a
 # worker the neighbours have descheduled. Measured on the shared 2-core machine under load: the quick inference step
 # ran 10x slower on 2 threads than on 1, while a lone GEMM ran 3x faster. Pass --threads on a dedicated machine.
@@ -24,7 +25,7 @@ THREADS = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="gptb bench", description=DESCRIPTION)
     parser.add_argument("--quick", action="store_true", help="CPU sizes that finish in a few minutes")
     parser.add_argument("--size", choices=sorted(SIZES), help="sizes by name (default: gpu on CUDA, else full)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
@@ -39,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODE",
         help="torch.compile the GPTB step in the step and generate sections (default, max-autotune, ...)",
     )
-    parser.add_argument("--json", type=Path, help="where to write the JSON (default benchmarks/results/<device>.json)")
-    parser.add_argument("--markdown", type=Path, help="where to write the table (default .../latest_<device>.md)")
+    parser.add_argument(
+        "--output", type=Path, default=Path("."), help="folder for gptb-bench-<device>.json and .md (default: .)"
+    )
     return parser
 
 
@@ -97,10 +99,9 @@ def main(argv=None) -> int:
     machine = ctx.machine()
     markdown = table(results, machine, ctx.sizes)
     print(markdown)
-    json_path = args.json or RESULTS / f"{device.type}.json"
-    markdown_path = args.markdown or RESULTS / f"latest_{device.type}.md"
-    for path in (json_path, markdown_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+    json_path = args.output / f"gptb-bench-{device.type}.json"
+    markdown_path = args.output / f"gptb-bench-{device.type}.md"
     payload = {
         "machine": machine,
         "compile": args.compile,

@@ -24,7 +24,6 @@ from modeling_gptb import GPTBConfig, GPTBLMHeadModel
 from modeling_gptb.data import load_corpus, tokenize_and_chunk
 from modeling_gptb.tokenization import _bytes_to_unicode, byte_tokenizer, token_config_kwargs, train_tokenizer
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LN2 = math.log(2.0)
 
 
@@ -419,7 +418,7 @@ def shaded(ax, x, runs: list[list[float]], label: str, **kwargs) -> None:
 
 def header_section(name: str, preset: str, seeds: list[int], config: dict, elapsed: float) -> str:
     return (
-        f"Command: `python -m experiments {name} --preset {preset} --seeds {len(seeds)}`  \n"
+        f"Command: `gptb experiment {name} --preset {preset} --seeds {len(seeds)}`  \n"
         f"Seeds: {seeds}. Wall time: {elapsed / 60:.1f} min.  \n"
         f"Machine: {json.dumps(machine())}\n\n"
         f"<details><summary>Preset</summary>\n\n```json\n{json.dumps(config, indent=2)}\n```\n</details>"

@@ -1,8 +1,8 @@
 """Reproducible experiments for GPTB and its ART memory (issue 6).
 
-Run one with `python -m experiments NAME [--preset cpu|gpu|mini] [--seeds N] [--out DIR]` or
-`gptb experiment NAME ...`. Each writes `report.md`, `results.json` and PNG plots into
-`experiments/results/NAME/` (or `--out`).
+Run one with `gptb experiment NAME [--preset cpu|gpu|mini] [--seeds N] [--out DIR]` (or
+`python -m modeling_gptb.experiments NAME ...`). Each writes `report.md`, `results.json` and PNG plots into
+`./gptb-experiments/NAME/` (or `--out`); the published runs live in the repository's `experiments/results/`.
 
 - `sample_efficiency`: GPTB vs GPT-2 (context 64 and 256) at equal tokens and FLOPs, with state-size and
   rebias ablations.

@@ -1,0 +1,17 @@
+"""What `pip install` puts on the path: the package and its namespaced tooling, no generic top-level names."""
+
+import subprocess
+import sys
+
+
+def test_tooling_is_installed_under_the_package_namespace(tmp_path):
+    probe = (
+        "import importlib.util as u; "
+        "print([n for n in ('benchmarks', 'experiments') if u.find_spec(n)]); "
+        "print([n for n in ('modeling_gptb.benchmarks', 'modeling_gptb.experiments') if u.find_spec(n)])"
+    )
+    # Run outside the checkout, so only what the install put on the path is found.
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    generic, namespaced = out.stdout.splitlines()
+    assert generic == "[]", f"pip installed generic top-level packages: {generic}"
+    assert namespaced == "['modeling_gptb.benchmarks', 'modeling_gptb.experiments']"
