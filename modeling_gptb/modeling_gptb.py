@@ -2,7 +2,7 @@
 
 Each step reads one token and a fixed-size state of M vectors (the model's own previous outputs), runs GPT-2 blocks
 over that window of M + 1 positions and emits the logits for the next token and the next state. The exact step is
-`DESIGN.md` §2. Parameter names and layout are GPT-2's, so a GPT-2 checkpoint warm-starts a GPTB model.
+in `docs/design.md#the-step`. Parameter names and layout are GPT-2's, so a GPT-2 checkpoint warm-starts it.
 
 This file travels to the Hub as remote code: it imports only the standard library, torch, transformers and its
 sibling files.

@@ -228,7 +228,7 @@ def evaluate(model, loader, accelerator: Accelerator, max_batches: int) -> dict:
 
 
 def check_art_synchronised(accelerator: Accelerator, model):
-    """Every rank must hold the identical memory (DESIGN.md §3); say so, or stop with an error."""
+    """Every rank must hold the identical memory (docs/design.md#distributed-art); say so, or stop with an error."""
     memory = getattr(model, "art_memory", None)
     if memory is None or accelerator.num_processes == 1:
         return
