@@ -83,7 +83,9 @@ def test_no_file_refers_to_a_design_document_outside_the_repository():
 def test_every_config_field_is_in_the_design_table_with_its_default():
     defaults = GPTBConfig().to_dict()
     own = {key: value for key, value in defaults.items() if key not in PretrainedConfig().to_dict()}
-    section = DESIGN.read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    design = DESIGN.read_text()
+    assert "\n## Configuration\n" in design, "docs/design.md has no '## Configuration' section with the config table"
+    section = design.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, flags=re.M))
     missing = sorted(set(own) - set(rows))
     stale = sorted(set(rows) - set(own))
