@@ -62,6 +62,8 @@ class GPTBConfig(PretrainedConfig):
         art_resonated_weight (`float`, defaults to 1.0): continual-learning gate; loss weight of sequences that
             resonated with a known category (1.0 = off, 0.0 = learn only from novel sequences).
         art_learn_in_eval (`bool`, defaults to `False`): let the memory learn in eval mode too.
+        decode_cuda_graph (`bool`, defaults to `False`): on CUDA, `generate()`'s one-token steps replay a CUDA graph
+            captured once per batch size, dtype and device instead of launching the step's kernels one by one.
 
     Example:
 
@@ -109,6 +111,7 @@ class GPTBConfig(PretrainedConfig):
         art_loss_weight=0.0,
         art_resonated_weight=1.0,
         art_learn_in_eval=False,
+        decode_cuda_graph=False,
         bos_token_id=50256,
         eos_token_id=50256,
         pad_token_id=None,
@@ -141,6 +144,7 @@ class GPTBConfig(PretrainedConfig):
         self.art_loss_weight = art_loss_weight
         self.art_resonated_weight = art_resonated_weight
         self.art_learn_in_eval = art_learn_in_eval
+        self.decode_cuda_graph = decode_cuda_graph
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -194,8 +198,9 @@ class GPTBConfig(PretrainedConfig):
             raise ValueError(f"GPTBConfig.art_rule must be one of {ART_RULES}, got {self.art_rule!r}")
         if self.art_pooling not in ART_POOLINGS:
             raise ValueError(f"GPTBConfig.art_pooling must be one of {ART_POOLINGS}, got {self.art_pooling!r}")
-        if not isinstance(self.rebias, bool):
-            raise ValueError(f"GPTBConfig.rebias must be True or False, got {self.rebias!r}")
+        for name in ("rebias", "decode_cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTBConfig.{name} must be True or False, got {getattr(self, name)!r}")
 
     @classmethod
     def from_gpt2_config(cls, gpt2_config, **overrides):

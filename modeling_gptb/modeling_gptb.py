@@ -24,6 +24,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTStatus
 from .configuration_gptb import GPTBConfig
+from .cuda_graphs import DecodeGraphs
 
 # generate() hands the state over as `cache` from transformers 5.24 on; older versions would silently drop it
 if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
@@ -618,6 +619,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
                 alpha=config.art_alpha,
                 max_categories=config.art_max_categories,
             )
+        self.decode_graphs = DecodeGraphs()  # used when config.decode_cuda_graph
         self.post_init()
 
     def get_output_embeddings(self):
@@ -686,6 +688,16 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         `(logits, past_hidden_states, ...)`, preceded by `loss` when `labels` are given.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if self.config.decode_cuda_graph:
+            eval_art_mode = art_mode or ("update" if self.config.art_learn_in_eval else "off")
+            art_learns = self.art_memory is not None and eval_art_mode != "off"
+            decoded = self._graph_decode_step(
+                input_ids, cache, attention_mask, use_cache, return_dict, labels=labels, inputs_embeds=inputs_embeds,
+                past_hidden_states=past_hidden_states, art_learns=art_learns,
+                output_hidden_states=output_hidden_states or self.config.output_hidden_states,
+            )  # fmt: skip
+            if decoded is not None:
+                return decoded
         outputs = self.transformer(
             input_ids,
             past_hidden_states=past_hidden_states,
@@ -730,6 +742,21 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             art_status=None if art is None else art.status,
             art_novelty=None if art is None else art.novelty,
         )
+
+    def _graph_decode_step(self, input_ids, cache, attention_mask, use_cache, return_dict, **other_inputs):
+        """One-token decode step replayed from a CUDA graph (`config.decode_cuda_graph`); None: take the eager path."""
+        state = cache.state if isinstance(cache, GPTBCache) else None
+        if not self.decode_graphs.applies(self, input_ids, state, **other_inputs):
+            return None
+        decoded = self.decode_graphs.decode(self, input_ids, state, attention_mask)
+        if decoded is None:
+            return None
+        logits, state = decoded
+        if not return_dict:
+            return logits, state
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        new_cache = GPTBCache(state, cache.seq_length + 1) if use_cache else None
+        return GPTBCausalLMOutput(logits=logits, past_hidden_states=state, cache=new_cache)
 
     # -- ART memory: pooled sequence representations, the coupled loss and the continual-learning gate --------------
 

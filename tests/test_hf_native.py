@@ -3,6 +3,7 @@ start, dtype / attention / device-map loading, tied and resized embeddings, init
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,10 +34,15 @@ TOKENS = torch.tensor([[5, 17, 3, 42, 8, 60, 1], [9, 9, 2, 33, 14, 7, 0]])
 
 
 def remote_code_files():
-    """The files `save_pretrained` must copy: the config and modeling files, and the ART memory once it exists."""
-    files = {"configuration_gptb.py", "modeling_gptb.py"}
-    if (PACKAGE_DIR / "art_memory.py").exists():
-        files.add("art_memory.py")
+    """The files `save_pretrained` must copy: the config and modeling files and every file they reach by
+    `from .name import ...` (the ART memory, the CUDA-graph decoding, ...)."""
+    files, to_read = set(), ["configuration_gptb.py", "modeling_gptb.py"]
+    while to_read:
+        name = to_read.pop()
+        if name not in files:
+            files.add(name)
+            source = (PACKAGE_DIR / name).read_text()
+            to_read += [f"{module}.py" for module in re.findall(r"^from \.(\w+) import", source, re.MULTILINE)]
     return files
 
 

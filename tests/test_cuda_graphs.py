@@ -1,0 +1,251 @@
+"""CUDA-graph decoding (`config.decode_cuda_graph`, modeling_gptb/cuda_graphs.py), its logic tested on the CPU.
+
+A CPU has no CUDA graphs, so the capture/replay is a stand-in with a graph's contract: `capture(step)` runs the step
+once over the static buffers and returns its outputs; `replay()` recomputes them from whatever the static inputs hold
+now and overwrites the same output tensors in place. Everything else (static buffers, copy-in, copy-out, capture
+keys, beam reordering, fallbacks) is the code the GPU runs. Decoding with it must equal eager decoding exactly.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import randomize, tiny_config, tiny_model
+
+from modeling_gptb import GPTBCache
+from modeling_gptb.cuda_graphs import DecodeGraphs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class ReplayByCalling:
+    """Stand-in for `CUDAGraph`: replays by calling the captured step on the static buffers, in place."""
+
+    devices = ("cpu",)
+    captured = []  # every instance that captured, across the test
+
+    def capture(self, step):
+        self.step, self.replays = step, 0
+        self.outputs = step()
+        ReplayByCalling.captured.append(self)
+        return self.outputs
+
+    def replay(self):
+        self.replays += 1
+        for static, fresh in zip(self.outputs, self.step(), strict=True):
+            static.copy_(fresh)
+
+
+@pytest.fixture(autouse=True)
+def fresh_capture_log():
+    ReplayByCalling.captured = []
+
+
+def graph_model(seed=0, **overrides):
+    """A float64 tiny model with sharp weights, decoding through the stand-in graph."""
+    model = randomize(tiny_model(seed, decode_cuda_graph=True, **overrides), seed=seed).double()
+    model.decode_graphs = DecodeGraphs(graph_factory=ReplayByCalling)
+    return model
+
+
+def eager_twin(model):
+    twin = copy.deepcopy(model)
+    twin.config.decode_cuda_graph = False
+    return twin
+
+
+def prompts(batch, length, seed=0):
+    return torch.randint(1, 59, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def generate_both(model, seed=None, **kwargs):
+    """generate() with the graph and eagerly (same seed before each), with scores."""
+    results = []
+    for which in (model, eager_twin(model)):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = which.generate(**kwargs, return_dict_in_generate=True, output_scores=True, pad_token_id=60)
+        results.append(out)
+    return results
+
+
+def assert_same_generation(graph_out, eager_out):
+    assert torch.equal(graph_out.sequences, eager_out.sequences)
+    assert len(graph_out.scores) == len(eager_out.scores)
+    for graph_scores, eager_scores in zip(graph_out.scores, eager_out.scores, strict=True):
+        assert torch.equal(graph_scores, eager_scores)
+
+
+def test_greedy_decoding_replays_one_capture_and_equals_eager():
+    model = graph_model()
+    graph_out, eager_out = generate_both(model, input_ids=prompts(2, 5), max_new_tokens=12, do_sample=False)
+    assert_same_generation(graph_out, eager_out)
+    assert len(set(graph_out.sequences[0, 5:].tolist())) > 3  # the decoding wandered: a real comparison
+    (graph,) = ReplayByCalling.captured
+    assert graph.replays == 12 - 1  # the prompt step is eager; every later token is one replay
+
+
+def test_sampling_with_a_fixed_seed_equals_eager():
+    model = graph_model(seed=1)
+    graph_out, eager_out = generate_both(
+        model, seed=7, input_ids=prompts(3, 4, seed=1), max_new_tokens=10, do_sample=True, top_k=20
+    )
+    assert_same_generation(graph_out, eager_out)
+    assert ReplayByCalling.captured[0].replays == 9
+
+
+def test_beam_search_equals_eager():
+    model = graph_model(seed=2)
+    graph_out, eager_out = generate_both(
+        model, input_ids=prompts(2, 4, seed=2), max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False
+    )
+    assert torch.equal(graph_out.sequences, eager_out.sequences)
+    assert torch.allclose(graph_out.sequences_scores, eager_out.sequences_scores, rtol=0, atol=0)
+    (graph,) = ReplayByCalling.captured
+    assert graph.replays == 7 and graph.outputs[0].shape[0] == 2 * 3  # one graph for the 6 beams
+
+
+def test_left_padded_batch_keeps_padded_states_as_eager_does():
+    model = graph_model(seed=3)
+    input_ids = prompts(2, 6, seed=3)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    input_ids[1, :3] = 60
+    graph_out, eager_out = generate_both(
+        model, input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False
+    )
+    assert_same_generation(graph_out, eager_out)
+
+
+def test_outputs_are_copied_out_before_the_next_replay():
+    model = graph_model(seed=4)
+    with torch.no_grad():
+        first = model(prompts(2, 3, seed=4))
+        step_one = model(prompts(2, 1, seed=5), cache=first.cache)
+        logits_one, state_one = step_one.logits.clone(), step_one.cache.state.clone()
+        model(prompts(2, 1, seed=6), cache=step_one.cache)  # a replay: the graph's output buffers now hold step two
+    assert ReplayByCalling.captured[0].replays == 2
+    assert torch.equal(step_one.logits, logits_one) and torch.equal(step_one.cache.state, state_one)
+    assert step_one.cache.seq_length == 4
+
+
+def test_the_state_a_replay_starts_from_is_the_cache_it_is_given():
+    """Two interleaved sequences through one graph: each step copies its own cache into the static state."""
+    model = graph_model(seed=5)
+    twin = eager_twin(model)
+    with torch.no_grad():
+        a, b = model(prompts(1, 3, seed=1)).cache, model(prompts(1, 3, seed=2)).cache
+        a_twin, b_twin = twin(prompts(1, 3, seed=1)).cache, twin(prompts(1, 3, seed=2)).cache
+        for token in range(1, 5):
+            ids = torch.tensor([[token]])
+            a, a_twin = model(ids, cache=a).cache, twin(ids, cache=a_twin).cache
+            b, b_twin = model(ids + 1, cache=b).cache, twin(ids + 1, cache=b_twin).cache
+    assert torch.equal(a.state, a_twin.state) and torch.equal(b.state, b_twin.state)
+    assert len(ReplayByCalling.captured) == 1
+
+
+def test_beam_reordering_of_the_cache_reaches_the_static_state():
+    model = graph_model(seed=6)
+    twin = eager_twin(model)
+    beam_idx = torch.tensor([2, 2, 0])
+    with torch.no_grad():
+        cache = model(prompts(3, 2)).cache
+        twin_cache = twin(prompts(3, 2)).cache
+        cache = model(prompts(3, 1, seed=9), cache=cache).cache
+        twin_cache = twin(prompts(3, 1, seed=9), cache=twin_cache).cache
+        cache.reorder_cache(beam_idx)
+        twin_cache.reorder_cache(beam_idx)
+        same_token = torch.full((3, 1), 5)
+        graph_logits = model(same_token, cache=cache).logits
+        eager_logits = twin(same_token, cache=twin_cache).logits
+    assert torch.equal(graph_logits, eager_logits)
+    assert torch.equal(graph_logits[0], graph_logits[1])  # beams 0 and 1 now both continue old beam 2
+
+
+def test_one_capture_per_batch_size_and_dtype():
+    model = graph_model(seed=7)
+    with torch.no_grad():
+        for batch in (2, 3, 2, 3):
+            model.generate(prompts(batch, 3), max_new_tokens=3, do_sample=False, pad_token_id=60)
+        assert [graph.outputs[0].shape[0] for graph in ReplayByCalling.captured] == [2, 3]
+        model.float()  # new dtype and new weight tensors: a new capture, reading the new weights
+        out = model.generate(prompts(2, 3), max_new_tokens=3, do_sample=False, pad_token_id=60)
+    assert len(ReplayByCalling.captured) == 3 and ReplayByCalling.captured[2].outputs[0].dtype == torch.float32
+    expected = eager_twin(model).generate(prompts(2, 3), max_new_tokens=3, do_sample=False, pad_token_id=60)
+    assert torch.equal(out, expected)
+
+
+def test_past_max_graphs_new_batch_sizes_decode_eagerly():
+    model = graph_model(seed=8)
+    model.decode_graphs.max_graphs = 1
+    with torch.no_grad():
+        model.generate(prompts(2, 3), max_new_tokens=3, do_sample=False, pad_token_id=60)
+        out = model.generate(prompts(3, 3), max_new_tokens=4, do_sample=False, pad_token_id=60)
+    assert len(ReplayByCalling.captured) == 1
+    expected = eager_twin(model).generate(prompts(3, 3), max_new_tokens=4, do_sample=False, pad_token_id=60)
+    assert torch.equal(out, expected)
+
+
+def test_calls_that_are_not_one_token_decode_steps_run_eagerly():
+    model = graph_model(seed=9)
+    ids = prompts(2, 3)
+    with torch.no_grad():
+        cache = model(ids).cache  # several tokens, no cache
+        model(ids[:, :1], cache=cache, output_hidden_states=True)
+        model(ids[:, :1], cache=cache, labels=ids[:, :1])
+        model(ids[:, :2], cache=cache)  # two tokens
+        model(ids[:, :1], past_hidden_states=cache.state)  # a starting state, not generate()'s cache
+    model(ids[:, :1], cache=cache)  # gradients on
+    model.train()
+    with torch.no_grad():
+        model(ids[:, :1], cache=cache)
+    assert ReplayByCalling.captured == []
+
+
+def test_an_art_memory_that_learns_in_eval_takes_the_eager_path():
+    model = graph_model(seed=10, art_enabled=True, art_learn_in_eval=True)
+    with torch.no_grad():
+        cache = model(prompts(2, 3)).cache
+        model(prompts(2, 1), cache=cache)
+        assert ReplayByCalling.captured == []
+        model(prompts(2, 1), cache=cache, art_mode="off")
+    assert len(ReplayByCalling.captured) == 1
+
+
+def test_the_real_cuda_graph_is_never_tried_on_a_cpu():
+    model = randomize(tiny_model(decode_cuda_graph=True))
+    assert isinstance(model.decode_graphs, DecodeGraphs)
+    with torch.no_grad():
+        cache = model(prompts(1, 3)).cache
+        out = model(prompts(1, 1), cache=cache)
+    assert model.decode_graphs.steps == {}
+    assert isinstance(out.cache, GPTBCache) and out.cache.seq_length == 4
+
+
+def test_a_failed_capture_warns_once_and_that_shape_decodes_eagerly():
+    class RefusingGraph(ReplayByCalling):
+        def capture(self, step):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    model = graph_model(seed=11)
+    model.decode_graphs = DecodeGraphs(graph_factory=RefusingGraph)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.generate(prompts(2, 3), max_new_tokens=4, do_sample=False, pad_token_id=60)
+    refusals = [w for w in caught if "decode_cuda_graph" in str(w.message)]
+    assert len(refusals) == 1 and "batch size 2 failed" in str(refusals[0].message)
+    expected = eager_twin(model).generate(prompts(2, 3), max_new_tokens=4, do_sample=False, pad_token_id=60)
+    assert torch.equal(out, expected)
+
+
+def test_decode_cuda_graph_must_be_a_bool():
+    with pytest.raises(ValueError, match="decode_cuda_graph must be True or False, got 'yes'"):
+        tiny_config(decode_cuda_graph="yes")
+
+
+def test_the_switch_survives_save_and_load(tmp_path):
+    model = tiny_model(decode_cuda_graph=True)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert loaded.config.decode_cuda_graph is True and isinstance(loaded.decode_graphs, DecodeGraphs)
