@@ -64,6 +64,9 @@ class GPTBConfig(PretrainedConfig):
         art_learn_in_eval (`bool`, defaults to `False`): let the memory learn in eval mode too.
         decode_cuda_graph (`bool`, defaults to `False`): on CUDA, `generate()`'s one-token steps replay a CUDA graph
             captured once per batch size, dtype and device instead of launching the step's kernels one by one.
+        loss_chunk_size (`int`, *optional*): in training, with `labels`, compute the loss `loss_chunk_size` target
+            positions at a time, each chunk's logits remade in the backward pass, so the `(batch, steps, vocab)`
+            logits are never whole; the output's `logits` is then `None`. `None`: the plain path.
 
     Example:
 
@@ -112,6 +115,7 @@ class GPTBConfig(PretrainedConfig):
         art_resonated_weight=1.0,
         art_learn_in_eval=False,
         decode_cuda_graph=False,
+        loss_chunk_size=None,
         bos_token_id=50256,
         eos_token_id=50256,
         pad_token_id=None,
@@ -145,6 +149,7 @@ class GPTBConfig(PretrainedConfig):
         self.art_resonated_weight = art_resonated_weight
         self.art_learn_in_eval = art_learn_in_eval
         self.decode_cuda_graph = decode_cuda_graph
+        self.loss_chunk_size = loss_chunk_size
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -171,8 +176,9 @@ class GPTBConfig(PretrainedConfig):
             positive_int(name)
         if self.n_inner is not None:
             positive_int("n_inner")
-        if self.bptt_steps is not None:
-            positive_int("bptt_steps")
+        for name in ("bptt_steps", "loss_chunk_size"):
+            if getattr(self, name) is not None:
+                positive_int(name)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTBConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "

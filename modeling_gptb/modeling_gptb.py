@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput, cached_file
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTStatus
+from .chunked_loss import chunked_causal_lm_loss
 from .configuration_gptb import GPTBConfig
 from .cuda_graphs import DecodeGraphs
 
@@ -717,13 +718,15 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         art, pooled = self._art(outputs, attention_mask, art_mode)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        # config.loss_chunk_size: in training the loss makes the logits chunk by chunk, and returns none
+        chunked_loss = labels is not None and self.training and self.config.loss_chunk_size is not None
+        logits = None if chunked_loss else self.lm_head(hidden)
 
         loss = None
         if labels is not None:
-            if logits.shape[1] != steps:
+            if hidden.shape[1] != steps:
                 raise ValueError("`labels` need the logits of every step: leave `logits_to_keep` at 0")
-            loss = self._language_modelling_loss(logits, labels, art, **kwargs)
+            loss = self._language_modelling_loss(logits, labels, art, hidden=hidden, **kwargs)
             if art is not None and self.config.art_loss_weight > 0:
                 loss = loss + self.config.art_loss_weight * self._art_coupling_loss(pooled, art)
 
@@ -810,10 +813,21 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         distance = 1.0 - F.cosine_similarity(pooled, prototypes, dim=-1)
         return distance[has_category].mean()
 
-    def _language_modelling_loss(self, logits, labels, art, num_items_in_batch=None, **kwargs):
-        """Next-token cross-entropy; with the ART gate on, sequences that resonated count `art_resonated_weight`."""
+    def _language_modelling_loss(self, logits, labels, art, num_items_in_batch=None, hidden=None, **kwargs):
+        """
+        Next-token cross-entropy; with the ART gate on, sequences that resonated count `art_resonated_weight`. Without
+        `logits` (`config.loss_chunk_size`), made from `hidden` chunk by chunk.
+        """
         gate = self.config.art_resonated_weight
-        if art is None or gate == 1.0:
+        sequence_weights = None
+        if art is not None and gate != 1.0:
+            sequence_weights = torch.where(art.status.to(hidden.device) == int(ARTStatus.RESONATED), gate, 1.0)
+        if logits is None:
+            chunk_size = self.config.loss_chunk_size
+            return chunked_causal_lm_loss(
+                hidden, self.lm_head.weight, labels, chunk_size, num_items_in_batch, sequence_weights
+            )
+        if sequence_weights is None:
             return self.loss_function(
                 logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch, **kwargs
             )
@@ -824,8 +838,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             ignore_index=-100,
             reduction="none",
         ).view_as(targets)
-        weights = torch.where(art.status.to(logits.device) == int(ARTStatus.RESONATED), gate, 1.0)
-        total = (per_token * weights[:, None]).sum()
+        total = (per_token * sequence_weights[:, None]).sum()
         count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
         return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 
