@@ -30,6 +30,7 @@ from . import data as gptb_data
 from .configuration_gptb import GPTBConfig
 from .modeling_gptb import GPTBLMHeadModel
 from .presets import load_model_preset, load_recipe
+from .throughput import model_flops_utilization, peak_flops
 from .tokenization import token_config_kwargs, train_tokenizer
 
 CHECKPOINT_PREFIX = "step-"
@@ -69,6 +70,8 @@ class TrainArgs:
     resume: str | None = None
     stop_after_step: int | None = None
     num_threads: int | None = None
+    compile: bool = False  # torch.compile each step's window (GPUs; see GPTBModel.compile_step)
+    peak_tflops: float | None = None  # the peak MFU is measured against (default: a table of GPUs)
     overwrite_output_dir: bool = False
     report_to: str | None = None
     sample_prompt: str = "The "
@@ -258,6 +261,7 @@ def train(args: TrainArgs) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
+    peak = peak_flops(accelerator.device, args.peak_tflops)  # for MFU in the log; checks --peak_tflops
     log = accelerator.print
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -271,6 +275,8 @@ def train(args: TrainArgs) -> dict:
         held_out = gptb_data.HOLD_OUT_RULE if args.data else "its validation split"
         raise ValueError(f"the held-out text of {data_source} ({held_out}) is too short: {err}") from None
     model = build_model(args, model_preset, tokenizer)
+    if args.compile:
+        model.transformer.compile_step()
     if accelerator.device.type == "cpu":
         # A small model's step is many tiny ops: thread-pool hand-offs cost more than they save (3x on gptb-tiny).
         torch.set_num_threads(args.num_threads or (1 if model.config.n_embd < 512 else torch.get_num_threads()))
@@ -311,6 +317,7 @@ def train(args: TrainArgs) -> dict:
 
     model.train()
     progress = tqdm(total=args.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
+    model_config = accelerator.unwrap_model(model).config
     tokens_per_step = args.batch_size * args.block_size * args.gradient_accumulation_steps * accelerator.num_processes
     window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
     batches_per_epoch = len(train_loader)
@@ -345,7 +352,10 @@ def train(args: TrainArgs) -> dict:
                 stats = {"loss": loss, "tokens_per_s": tokens_per_step * window_steps / elapsed}
                 stats["art_categories"] = categories
                 stats["lr"] = scheduler.get_last_lr()[0]
-                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}", art=categories)
+                mfu, shown = model_flops_utilization(model_config, stats["tokens_per_s"], peak), {}
+                if mfu is not None:
+                    stats["mfu"], shown["mfu"] = mfu, f"{mfu:.1%}"
+                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}", art=categories, **shown)
                 accelerator.log(stats, step=step)
                 window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
             if step % args.eval_steps == 0 or step == args.max_steps:
@@ -480,6 +490,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     for name in ("learning_rate", "weight_decay", "max_grad_norm"):
         parser.add_argument(f"--{name}", type=float)
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile each step's window")
+    parser.add_argument("--peak_tflops", type=float, help="the peak for MFU in the log (default: known GPUs)")
     parser.add_argument(
         "--resume", nargs="?", const="latest", help="continue from the latest (or the given) checkpoint"
     )
@@ -506,7 +518,7 @@ def args_from_namespace(namespace: argparse.Namespace) -> TrainArgs:
         values["report_to"] = None
     if namespace.data or namespace.dataset:
         values.pop("corpus", None)
-    overrides = {}
+    overrides = dict(values.pop("overrides", {}))  # a recipe's model config fields; --set goes on top
     for item in namespace.set:
         name, sep, raw = item.partition("=")
         if not sep:
