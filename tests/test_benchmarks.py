@@ -46,6 +46,7 @@ def test_every_section_runs_at_tiny_sizes(tmp_path, keep_threads, capsys):
         assert art[rule]["resonated"] > 0 and art[rule]["categories_after"] > art[rule]["categories_before"]
     generate = result["sections"]["generate"]["data"]
     assert generate["state_bytes"]["computed"] == generate["state_bytes"]["measured"]
+    assert generate["cuda_graph"] == {"skipped": "skipped: CUDA graphs need --device cuda"}
     assert result["sections"]["trainer"]["data"]["tokens_per_s"]["trainer"] > 0
 
     table = markdown_path.read_text()

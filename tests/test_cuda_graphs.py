@@ -249,3 +249,17 @@ def test_the_switch_survives_save_and_load(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
     assert loaded.config.decode_cuda_graph is True and isinstance(loaded.decode_graphs, DecodeGraphs)
+
+
+def test_the_bench_row_decodes_both_ways_and_compares(monkeypatch):
+    """`gptb bench`'s CUDA-graph rows, run on the CPU with the stand-in graph in place of the GPU's."""
+    from modeling_gptb.benchmarks import generate as bench_generate
+    from modeling_gptb.benchmarks.common import SIZES, Context, gptb_model
+
+    monkeypatch.setattr(Context, "cuda", property(lambda self: True))
+    monkeypatch.setattr(bench_generate, "DecodeGraphs", lambda: DecodeGraphs(graph_factory=ReplayByCalling))
+    ctx = Context(SIZES["tiny"], torch.device("cpu"))
+    rows, data = bench_generate.graph_decoding(ctx, gptb_model(ctx))
+    assert data["same_tokens"] and data["max_logit_gap"] == 0.0 and len(data["tokens"]["graph"]) == 8
+    assert rows[1]["met"] is True and rows[0]["met"] is None  # the 0.5 ms goal is judged at the gpu sizes only
+    assert data["seconds"]["graph"] > 0 and len(ReplayByCalling.captured) == 1

@@ -7,6 +7,9 @@ Latency: one pass decodes positions 1..N with both models, token by token, keepi
 checkpoint positions. Then the checkpoints are timed interleaved, round after round (every model at every checkpoint
 once per round, each step taken from the saved cache), so that a neighbour who starts or stops mid-run shifts all
 positions alike instead of reading as a slope. The per-token times of the first pass are kept in the JSON.
+
+CUDA-graph decoding (`config.decode_cuda_graph`, CUDA only): the same weights decode greedily eagerly and from the
+captured graph, side by side; the tokens must be the same and the per-token latency is timed interleaved.
 """
 
 import copy
@@ -16,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from modeling_gptb import GPTBCache
+from modeling_gptb.cuda_graphs import DecodeGraphs
 
 from .common import Context, fmt_bytes, fmt_time, gpt2_twin, gptb_model, row, time_once
 
@@ -31,7 +35,8 @@ class Decoder:
     def step(self):
         out = self.model(self.token, cache=self.cache, use_cache=True)
         self.cache = out.cache
-        self.token = out.logits[:, -1:].argmax(-1)
+        self.logits = out.logits[:, -1]
+        self.token = self.logits[:, None].argmax(-1)
 
 
 def kv_bytes(cache) -> int:
@@ -121,6 +126,59 @@ def budget_throughput(ctx: Context, gptb, gpt2) -> dict:
     return {"per_seq_bytes": per_seq, "fit": fit, "batch": batch, "tokens_per_s": tokens_per_s}
 
 
+GRAPH_GOAL_SECONDS = 0.5e-3  # issue 10: gptb-small, batch 1, on an H200
+
+
+def graph_twin(model):
+    """The same weights with `decode_cuda_graph` on (its own config and graphs; modules and parameters shared)."""
+    twin = copy.copy(model)
+    twin.config = copy.deepcopy(model.config)
+    twin.config.decode_cuda_graph = True
+    twin.decode_graphs = DecodeGraphs()
+    return twin
+
+
+def graph_decoding(ctx: Context, gptb) -> tuple[list[dict], dict]:
+    """Greedy decoding eagerly and from the CUDA graph, batch 1: same tokens, logits gap, per-token latency."""
+    measure = "latency per token, CUDA-graph decoding vs eager (batch 1)"
+    if not ctx.cuda:
+        reason = "skipped: CUDA graphs need --device cuda"
+        return [row(measure, reason, goal="<= 0.5 ms")], {"skipped": reason}
+    decoders = {"eager": Decoder(gptb, 1), "graph": Decoder(graph_twin(gptb), 1)}
+    tokens, logits_gap = {name: [] for name in decoders}, 0.0
+    for _ in range(max(8, ctx.sizes.gen_positions // 8)):
+        for name, decoder in decoders.items():
+            decoder.step()
+            tokens[name].append(int(decoder.token))
+        gap = (decoders["graph"].logits.float() - decoders["eager"].logits.float()).abs().max()
+        logits_gap = max(logits_gap, float(gap))
+    same = tokens["graph"] == tokens["eager"]
+    times = {name: [] for name in decoders}
+    for _ in range(ctx.sizes.gen_latency_rounds):
+        for name, decoder in decoders.items():
+            times[name].append(time_once(decoder.step, ctx.device))
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    at_goal_sizes = ctx.sizes.name == "gpu"
+    rows = [
+        row(
+            measure,
+            fmt_time(seconds["graph"]),
+            fmt_time(seconds["eager"]),
+            f"{seconds['graph'] / seconds['eager']:.2f}x",
+            goal="<= 0.5 ms" if at_goal_sizes else "",
+            met=seconds["graph"] <= GRAPH_GOAL_SECONDS if at_goal_sizes else None,
+        ),
+        row(
+            f"CUDA-graph greedy tokens equal eager ({len(tokens['eager'])} tokens; max logit gap {logits_gap:.3g})",
+            "same" if same else "differ",
+            goal="same tokens",
+            met=same,
+        ),
+    ]
+    data = {"seconds": seconds, "same_tokens": same, "tokens": tokens, "max_logit_gap": logits_gap}
+    return rows, data
+
+
 def run(ctx: Context) -> dict:
     sizes = ctx.sizes
     n = sizes.gen_positions
@@ -185,6 +243,9 @@ def run(ctx: Context) -> dict:
     data["kv_bytes_measured"] = lat["kv_bytes"]
     measured = ", ".join(f"{fmt_bytes(b)} at {p}" for p, b in sorted(lat["kv_bytes"].items()))
     rows.append(row("measured cache allocation", fmt_bytes(lat["state_bytes"]), measured))
+
+    graph_rows, data["cuda_graph"] = graph_decoding(ctx, gptb)
+    rows += graph_rows
 
     budget = budget_throughput(ctx, gptb, gpt2)
     data["budget"] = budget
