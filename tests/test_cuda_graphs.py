@@ -263,3 +263,21 @@ def test_the_bench_row_decodes_both_ways_and_compares(monkeypatch):
     assert data["same_tokens"] and data["max_logit_gap"] == 0.0 and len(data["tokens"]["graph"]) == 8
     assert rows[1]["met"] is True and rows[0]["met"] is None  # the 0.5 ms goal is judged at the gpu sizes only
     assert data["seconds"]["graph"] > 0 and len(ReplayByCalling.captured) == 1
+
+
+def test_the_gpu_check_script_parts_run_with_the_stand_in(monkeypatch):
+    """gpu_check.py's exactness and latency parts, on the CPU with a tiny model and the stand-in graph."""
+    from modeling_gptb.benchmarks import generate as bench_generate
+    from modeling_gptb.benchmarks import gpu_check
+
+    monkeypatch.setattr(bench_generate, "DecodeGraphs", lambda: DecodeGraphs(graph_factory=ReplayByCalling))
+    model = graph_model(seed=12)
+    model.config.decode_cuda_graph = False
+    twin = bench_generate.graph_twin(model)
+    checks = gpu_check.exactness(model, twin, torch.device("cpu"))
+    for name in ("greedy_batch_1", "greedy_batch_4", "sampling_batch_4", "beam_4_batch_2"):
+        assert checks[name]["same_tokens"] and checks[name]["max_score_gap"] == 0.0, name
+        assert checks[name]["within_bf16_tolerance"], name
+    assert len(checks["graphs_captured"]) == 3  # batch 1, 4 and 2 x 4 beams
+    timings = gpu_check.latency(model, twin, torch.device("cpu"), batch=2, rounds=3)
+    assert set(timings) == {"eager_ms", "graph_ms"} and min(timings.values()) > 0

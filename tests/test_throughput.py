@@ -4,6 +4,8 @@ The reference for the FLOP count is torch's own `FlopCounterMode` over a real fo
 with SDPA on its math backend so the attention matmuls are counted too.
 """
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -12,6 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from modeling_gptb import GPTBConfig, GPTBLMHeadModel
+from modeling_gptb.benchmarks.gpu_check import main as gpu_check_main
 from modeling_gptb.presets import list_presets, load_recipe
 from modeling_gptb.throughput import (
     forward_flops_per_token,
@@ -79,7 +82,7 @@ def test_the_gpu_recipe_is_what_gptb_train_accepts():
     assert args.overrides == {"loss_chunk_size": 512} and args.peak_tflops == 700.0
 
 
-def test_gptb_train_logs_mfu_against_the_given_peak(tmp_path):
+def test_gptb_train_logs_mfu_against_the_given_peak(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output = tmp_path / "out"
@@ -96,9 +99,24 @@ def test_gptb_train_logs_mfu_against_the_given_peak(tmp_path):
     for tokens_per_s, mfu in zip(logged["tokens_per_s"], logged["mfu"], strict=True):
         assert mfu == pytest.approx(tokens_per_s * train_flops_per_token(config) / 1e9, rel=1e-5)
 
+    # gpu_check.sh reads the same figures back from the progress bar of the log
+    log = tmp_path / "train.log"
+    log.write_text(capsys.readouterr().err)
+    assert gpu_check_main(["train-log", str(log), "--output", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "gpu_check_train.json").read_text())
+    assert [window["tokens_per_s"] for window in summary["windows"]] == [round(v) for v in logged["tokens_per_s"]]
+    assert [window["mfu"] for window in summary["windows"]] == pytest.approx(logged["mfu"], abs=5e-4)
+    assert summary["steady_tokens_per_s"] == round(logged["tokens_per_s"][1])
+
 
 def test_a_bad_peak_on_the_command_line_is_exit_2_before_any_work(tmp_path, capsys):
     assert train(tmp_path / "out", "--peak_tflops", "-1") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["gptb train: error: the peak must be > 0 TFLOP/s, got -1.0"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_the_gpu_decode_check_refuses_a_machine_without_cuda(tmp_path, capsys):
+    assert gpu_check_main(["decode", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "gpu_check: decode needs a CUDA device; torch sees none\n"
