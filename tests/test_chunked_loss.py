@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize, tiny_config, tiny_model
-from test_trainer import datasets, make_model, make_trainer, tokenizer  # noqa: F401 (fixtures)
+from test_trainer import datasets, make_model, one_step_weights, tokenizer  # noqa: F401 (fixtures)
 
 from modeling_gptb.art_memory import ARTStatus
 
@@ -136,22 +136,8 @@ def test_loss_chunk_size_must_be_a_positive_integer():
 
 def test_trainer_with_gradient_accumulation_takes_the_same_step(tokenizer, datasets, tmp_path):  # noqa: F811
     def one_step(chunk_size, folder):
-        model = make_model(tokenizer, loss_chunk_size=chunk_size)
-        trainer = make_trainer(
-            model,
-            tokenizer,
-            datasets,
-            tmp_path / folder,
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=2,
-            max_steps=1,
-            optim="sgd",
-            learning_rate=1.0,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-        )
-        trainer.train()
-        return {name: param.detach().clone() for name, param in model.named_parameters()}
+        fields = {"loss_chunk_size": chunk_size}
+        return one_step_weights(tokenizer, datasets, tmp_path / folder, 4, 2, model_fields=fields)
 
     plain, chunked = one_step(None, "plain"), one_step(16, "chunked")
     start = make_model(tokenizer).state_dict()

@@ -79,8 +79,8 @@ def test_bf16_on_cpu(tokenizer, datasets, tmp_path):
     assert math.isfinite(trainer.evaluate()["eval_loss"])
 
 
-def one_step_weights(tokenizer, datasets, tmp_path, batch, accumulation, **overrides):
-    model = make_model(tokenizer)
+def one_step_weights(tokenizer, datasets, tmp_path, batch, accumulation, model_fields=None, **overrides):
+    model = make_model(tokenizer, **(model_fields or {}))
     trainer = make_trainer(
         model,
         tokenizer,
