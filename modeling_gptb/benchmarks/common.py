@@ -320,12 +320,10 @@ def step_gemms(sizes: Sizes) -> list[tuple[int, int, int]]:
 
 
 def step_flops(sizes: Sizes) -> float:
-    """Model FLOPs of one inference step: block matmuls, attention inside the window, the LM head at one position."""
-    width, d = sizes.state_size + 1, sizes.n_embd
-    blocks = 2 * 12 * d * d * sizes.n_layer * sizes.batch * width  # matmul weights of the blocks: 12 D^2 per layer
-    attention = sizes.n_layer * 4 * sizes.batch * width * width * d  # Q K^T and A V
-    lm_head = 2 * d * sizes.vocab_size * sizes.batch
-    return float(blocks + attention + lm_head)
+    """Model FLOPs of one inference step of the batch (`modeling_gptb.throughput.forward_flops_per_token`)."""
+    from modeling_gptb.throughput import forward_flops_per_token
+
+    return sizes.batch * forward_flops_per_token(gptb_config(sizes))
 
 
 def fmt_rate(flops_per_s: float) -> str:
