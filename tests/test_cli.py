@@ -191,3 +191,17 @@ def test_push_with_the_hub_out_of_reach_is_one_line(folder, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("gptb push: error: could not upload to the Hub (ConnectError)"), proc.stderr
+
+
+def test_from_pretrained_warns_about_foreign_weights(tmp_path, folder):
+    """The Python API loads what it is given, as transformers does, but says loudly what did not fit."""
+    broken = tmp_path / "foreign"
+    broken.mkdir()
+    for item in folder.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    foreign_weights(broken)
+    load = "import sys, modeling_gptb, transformers; transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", load, str(broken)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("LOAD REPORT", "encoder.weight", "UNEXPECTED", "transformer.wte.weight", "MISSING"):
+        assert word in proc.stderr, proc.stderr
