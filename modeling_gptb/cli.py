@@ -133,14 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="stream text from a saved model",
         description="Stream a sample from a saved GPTB model (a `gptb train` or save_pretrained folder).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     generate.add_argument("folder", help="the model folder")
     generate.add_argument("--prompt", required=True, help="the text to continue")
     generate.add_argument("--tokenizer", help=tokenizer_help)
-    generate.add_argument("--max_new_tokens", type=int, default=100, help="how many tokens to generate")
-    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    generate.add_argument("--top_k", type=int, default=40, help="sample among the k most likely tokens")
+    generate.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate (default: %(default)s)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    generate.add_argument("--top_k", type=int, default=40, help="sample from the top k tokens (default: %(default)s)")
     generate.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     generate.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed to stderr)")
 
