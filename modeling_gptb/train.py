@@ -419,7 +419,7 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     card = render_model_card(
-        model.config,
+        model,
         datasets=[args.dataset] if args.dataset else None,  # Hub dataset ids only; local text is described below
         training={
             "steps": result["step"],
