@@ -112,6 +112,7 @@ def test_two_cpu_processes_with_bf16(tmp_path, launcher):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es), mixed precision bf16" in result.stdout
     assert "ART memory identical on all 2 ranks" in result.stdout
+    assert result.stdout.count("step 2: eval loss") == 1  # printed by the main process only
     assert (tmp_path / "out" / "art_memory.safetensors").is_file()
     memory = load_file(tmp_path / "out" / "art_memory.safetensors")
     assert int(memory["counts"].sum()) == 2 * 4 * 2  # steps x batch x ranks: every rank's sequences
@@ -142,7 +143,7 @@ def test_damaged_checkpoint_and_a_failed_run_never_replace_a_good_model(tmp_path
     output = tmp_path / "out"
     shutil.copytree(trained, output)
     before = (output / "model.safetensors").read_bytes()
-    checkpoint = output / "checkpoints" / "step-6"
+    checkpoint = output / "checkpoints" / "step-3"  # an unfinished point of the run (step-6 ends it: nothing to do)
     (checkpoint / "model.safetensors").write_bytes(b"\x00garbage")
     failing(capsys, output, "--resume", str(checkpoint), message="is damaged or does not fit this model")
     # a new run that fails (no data) with permission to overwrite leaves the old model untouched
