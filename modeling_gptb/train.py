@@ -166,14 +166,8 @@ def model_fields(args: TrainArgs) -> dict:
     return fields
 
 
-def run_record(args: TrainArgs, fields: dict, num_processes: int) -> dict:
-    """What decides a run's result; every checkpoint records it and a resumed run must match it."""
-    names = RUN_SETTINGS + (EVAL_SETTINGS if fields.get("art_learn_in_eval") else ())  # eval then trains the memory
-    settings = {name: getattr(args, name) for name in names}
-    settings["num_processes"] = num_processes
-    return {"settings": settings, "model": fields}
-
-
+# The settings that decide what a run produces (with the model config and the data); output, logging and
+# sampling settings do not.
 RUN_SETTINGS = (
     "seed",
     "tokenizer",
@@ -190,6 +184,14 @@ RUN_SETTINGS = (
     "mixed_precision",
 )
 EVAL_SETTINGS = ("eval_steps", "eval_batches")
+
+
+def run_record(args: TrainArgs, fields: dict, num_processes: int) -> dict:
+    """What decides a run's result; every checkpoint records it and a resumed run must match it."""
+    names = RUN_SETTINGS + (EVAL_SETTINGS if fields.get("art_learn_in_eval") else ())  # eval then trains the memory
+    settings = {name: getattr(args, name) for name in names}
+    settings["num_processes"] = num_processes
+    return {"settings": settings, "model": fields}
 
 
 def check_output_dir(args: TrainArgs, output: Path):
