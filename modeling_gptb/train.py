@@ -181,16 +181,16 @@ RUN_SETTINGS = (
     "warmup_steps",
     "weight_decay",
     "max_grad_norm",
-    "mixed_precision",
 )
 EVAL_SETTINGS = ("eval_steps", "eval_batches")
 
 
-def run_record(args: TrainArgs, fields: dict, num_processes: int) -> dict:
+def run_record(args: TrainArgs, fields: dict, accelerator: Accelerator) -> dict:
     """What decides a run's result; every checkpoint records it and a resumed run must match it."""
     names = RUN_SETTINGS + (EVAL_SETTINGS if fields.get("art_learn_in_eval") else ())  # eval then trains the memory
     settings = {name: getattr(args, name) for name in names}
-    settings["num_processes"] = num_processes
+    settings["mixed_precision"] = accelerator.mixed_precision  # what ran, whether set here or by `accelerate launch`
+    settings["num_processes"] = accelerator.num_processes
     return {"settings": settings, "model": fields}
 
 
@@ -462,7 +462,7 @@ def train(args: TrainArgs) -> dict:
         project_dir=str(output),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-    record = run_record(args, fields, accelerator.num_processes)
+    record = run_record(args, fields, accelerator)
     resume_from, saved = open_output_dir(args, output, record, accelerator)
     set_seed(args.seed)
     log = accelerator.print
