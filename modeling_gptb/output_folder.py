@@ -118,11 +118,18 @@ def looks_like_model(folder: Path) -> bool:
 def publish_model(staging: Path, output: Path):
     """Move the complete model written to `staging` (`output/.incoming`) into `output`."""
     names = sorted(item.name for item in staging.iterdir())
+    for name in names:
+        if (staging / name).is_file():
+            fsync_file(staging / name)
     ready = staging / READY_FILE
     ready.write_text(json.dumps(names))
-    with open(ready) as handle:  # the record must be on disk before anything of the old model goes
-        os.fsync(handle.fileno())
+    fsync_file(ready)  # on disk after the files it vouches for, before anything of the old model goes
     complete_swap(output)
+
+
+def fsync_file(path: Path):
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def complete_swap(output: Path) -> bool:
