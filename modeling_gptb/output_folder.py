@@ -28,7 +28,9 @@ READY_FILE = "READY"  # inside `.incoming`: the names of the complete model's fi
 COMMIT_FILE = "config.json"  # moved in last: without it `from_pretrained` refuses the folder
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 
-# Tests stop the process with a real SIGKILL at a named point (see `crash_point`).
+# Tests stop the process with a real SIGKILL at a named point: "checkpoint-saved" (a checkpoint just renamed into
+# place), "prune" (an old checkpoint renamed away, not yet deleted), "final-write" (the new model written whole, not
+# yet marked ready), "final-swap" (the first file of the new model moved in).
 KILL_ENV = "GPTB_TEST_KILL_AT"
 
 

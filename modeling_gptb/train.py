@@ -318,9 +318,11 @@ def check_resume(args: TrainArgs, output: Path, checkpoint: Path, record: dict, 
         )
     differences = run_differences(saved["run"], record, sections=("settings", "model"))
     if differences:
+        listed = "; ".join(differences)
+        extend = f" (to train a finished run further: --init_from {output})" if "--max_steps" in listed else ""
         raise TrainingError(
-            f"--resume: this run's settings differ from those of the run in {checkpoint}: {'; '.join(differences)}. "
-            "Resume with the checkpoint's settings, or start a new run in another --output_dir."
+            f"--resume: this run's settings differ from those of the run in {checkpoint}: {listed}. "
+            f"Resume with the checkpoint's settings, or start a new run in another --output_dir{extend}."
         )
     foreign = [p.name for p in checkpoints_in(output) if read_checkpoint_state(p).get("run_id") != saved.get("run_id")]
     if foreign:

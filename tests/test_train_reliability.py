@@ -189,6 +189,9 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(reference, tmp_path
     assert train(output, "--resume") == 0
     out = capsys.readouterr().out
     assert "is complete (step 8 of --max_steps 8); nothing to do" in out and f"--init_from {output}" in out
+    assert train(output, "--resume", "--max_steps", "16") == 2  # a longer schedule is another run
+    line = error_line(capsys)
+    assert "--max_steps (checkpoint 8, now 16)" in line and f"--init_from {output}" in line
     assert snapshot(output) == before
 
 
