@@ -193,6 +193,7 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(reference, tmp_path
     line = error_line(capsys)
     assert "--max_steps (checkpoint 8, now 16)" in line and f"--init_from {output}" in line
     assert snapshot(output) == before
+    assert train(tmp_path / "more", "--init_from", str(output), "--max_steps", "2") == 0  # the advice works
 
 
 # ---------------------------------------------------------------------------------------------------------------------
