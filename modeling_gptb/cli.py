@@ -73,10 +73,12 @@ def cmd_generate(args) -> int:
 def cmd_art_report(args) -> int:
     from .art_report import art_report, format_art_report
 
-    model, tokenizer = load_folder(args.folder, args.tokenizer)
     texts = list(args.text or [])
     for file in args.file or []:
+        if not Path(file).is_file():
+            raise CLIError(f"--file {file} is not a file; pass a text file whose text to score")
         texts.append(Path(file).read_text(encoding="utf-8"))
+    model, tokenizer = load_folder(args.folder, args.tokenizer)
     if model.art_memory is None:
         raise CLIError(f"the model in {args.folder} has no ART memory (config.art_enabled is false)")
     print(format_art_report(art_report(model, tokenizer, texts)))
