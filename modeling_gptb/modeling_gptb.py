@@ -807,6 +807,8 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         expected = tuple(inputs.shape[:2])
         if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != expected:
             raise ValueError(f"`labels` must have the shape of the inputs {expected}, got {_describe(labels)}")
+        if labels.dtype != torch.long:  # what cross-entropy takes as targets
+            raise ValueError(f"`labels` must be a torch.long tensor of token ids, got dtype {labels.dtype}")
         checks = ValueChecks()
         check_token_ids(checks, "labels", labels, self.config.vocab_size, ignore_index=-100)
         checks.raise_first_failure()

@@ -43,6 +43,7 @@ nan_state[1, 2, 5] = float("nan")
         (dict(labels=torch.full_like(ids, -5)), r"`labels` value -5 is outside the vocabulary"),
         (dict(labels=ids, logits_to_keep=1), r"`labels` need the logits of every step: leave `logits_to_keep` at 0"),
         (dict(labels=ids.float()), r"`labels` must be a torch.long .*got dtype torch.float32"),
+        (dict(labels=ids.int()), r"`labels` must be a torch.long tensor of token ids, got dtype torch.int32"),
         # issue 11 item 10: unchecked values
         (dict(past_hidden_states=nan_state), r"`past_hidden_states` holds NaN or Inf"),
         (dict(past_hidden_states=torch.full((2, 3, 32), float("inf"))), r"`past_hidden_states` holds NaN or Inf"),
@@ -127,7 +128,8 @@ def test_max_categories_cannot_outgrow_the_buffer():
     with pytest.raises(ValueError, match=r"size of the prototype buffer \(2 rows\) and cannot be set to 10"):
         memory.max_categories = 10
     assert memory.max_categories == 2
-    out = memory.update(torch.eye(4))  # fills up and rejects, never writes past the buffer
+    with pytest.warns(UserWarning, match=r"ARTMemory is full \(2 categories\)"):
+        out = memory.update(torch.eye(4))  # fills up and rejects, never writes past the buffer
     assert memory.num_categories == 2 and (out.category[-2:] == -1).all()
     assert not torch.equal(memory.weight, before["weight"])
     memory.max_categories = 2  # setting the same capacity is harmless
@@ -157,6 +159,14 @@ def test_output_attentions_in_generate(one_thread):
     assert len(out.attentions) == 3  # one entry per generated token
     assert out.attentions[0][0].shape == (2, 4, 5, 4, 4)  # the prompt's steps
     assert out.attentions[1][0].shape == (2, 4, 1, 4, 4)  # then one step per token
+
+
+def test_generate_refuses_gpt2_arguments_without_meaning(one_thread):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="does not take `position_ids`"):
+        model.generate(ids, position_ids=torch.arange(5).expand(2, -1), max_new_tokens=2)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        model.generate(ids, encoder_hidden_states=torch.zeros(2, 4, 32), max_new_tokens=2)
 
 
 def test_token_type_ids_add_their_embedding_as_in_gpt2(one_thread):
