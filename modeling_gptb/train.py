@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from accelerate.utils.other import id_tensor_storage
 from accelerate.utils.other import load as accelerate_load
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -430,6 +431,17 @@ def art_categories(model) -> int:
     return memory.num_categories if memory is not None else 0
 
 
+def check_fsdp_honoured(accelerator: Accelerator):
+    """A launch configured for FSDP must run FSDP: Accelerate 1.15 turns it on only on GPUs (and the like) and on the
+    CPU (ACCELERATE_USE_CPU=1) silently runs DDP instead."""
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        raise ValueError(
+            f"the launch asks for FSDP, but Accelerate runs {accelerator.distributed_type.value} here (it has no "
+            "FSDP on the CPU): launch without FSDP (configuration/accelerate/cpu-2proc.yaml runs DDP) or on GPUs"
+        )
+
+
 def open_output_dir(args: TrainArgs, output: Path, record: dict, accelerator: Accelerator):
     """Finish a final swap that a killed run left half done, then check that the folder suits this run: the
     checkpoint to resume from and its saved state, or (None, None) for a fresh run."""
@@ -464,6 +476,7 @@ def train(args: TrainArgs) -> dict:
         project_dir=str(output),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_fsdp_honoured(accelerator)
     record = run_record(args, fields, accelerator)
     resume_from, saved = open_output_dir(args, output, record, accelerator)
     set_seed(args.seed)
