@@ -761,15 +761,15 @@ class ARTMemory(nn.Module):
         super().__init__()
         self.dim = _check_int("dim", dim)
         self._rule = ART_RULES[_check_rule(rule)]()
-        self.max_categories = _check_int("max_categories", max_categories)
+        capacity = _check_int("max_categories", max_categories)
         self.vigilance = vigilance
         self.beta = self._rule.default_beta if beta is None else beta
         self.alpha = alpha
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-        shape = (self.max_categories, self._rule.stored_dim(self.dim))
+        shape = (capacity, self._rule.stored_dim(self.dim))
         self.register_buffer("weight", torch.zeros(shape, device=device, dtype=dtype))
-        self.register_buffer("category_counts", torch.zeros(self.max_categories, device=device, dtype=torch.long))
+        self.register_buffer("category_counts", torch.zeros(capacity, device=device, dtype=torch.long))
         self.register_buffer("num_committed", torch.zeros((), device=device, dtype=torch.long))
         self._warned_full = False
 
@@ -777,6 +777,20 @@ class ARTMemory(nn.Module):
     @property
     def rule(self) -> str:
         return self._rule.name
+
+    @property
+    def max_categories(self) -> int:
+        """The capacity: the rows of the prototype buffer."""
+        return self.weight.shape[0]
+
+    @max_categories.setter
+    def max_categories(self, value):
+        if value != self.max_categories:  # a larger value would let an update write past the buffer
+            raise ValueError(
+                f"max_categories is the size of the prototype buffer ({self.max_categories} rows) and cannot be "
+                f"set to {value!r} on a memory; build ARTMemory(..., max_categories={value!r}) and load this one "
+                "into it (ARTMemory.load_file takes a file saved with another capacity)"
+            )
 
     @property
     def vigilance(self) -> float:

@@ -3,7 +3,10 @@
 This file travels to the Hub as remote code: it imports only the standard library and transformers.
 """
 
+import math
+
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 ART_RULES = ("cosine", "fuzzy")
 ART_POOLINGS = ("mean", "state", "last")
@@ -192,19 +195,36 @@ class GPTBConfig(PretrainedConfig):
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "art_vigilance", "art_resonated_weight"):
             unit_interval(name)
         unit_interval("art_beta", optional=True)
-        if not (self.layer_norm_epsilon > 0):
-            raise ValueError(f"GPTBConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-        if not (self.initializer_range >= 0):
-            raise ValueError(f"GPTBConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
-        if not (self.art_alpha > 0):
-            raise ValueError(f"GPTBConfig.art_alpha must be > 0, got {self.art_alpha!r}")
-        if not (self.art_loss_weight >= 0):
-            raise ValueError(f"GPTBConfig.art_loss_weight must be >= 0, got {self.art_loss_weight!r}")
+
+        def finite_number(name, low, low_inclusive):
+            value = getattr(self, name)
+            bound = f"{'>=' if low_inclusive else '>'} {low}"
+            is_number = not isinstance(value, bool) and isinstance(value, (int, float))
+            if not (is_number and math.isfinite(value) and (value >= low if low_inclusive else value > low)):
+                raise ValueError(f"GPTBConfig.{name} must be {bound} and finite, got {value!r}")
+
+        finite_number("layer_norm_epsilon", 0, low_inclusive=False)
+        finite_number("initializer_range", 0, low_inclusive=True)
+        finite_number("art_alpha", 0, low_inclusive=False)
+        finite_number("art_loss_weight", 0, low_inclusive=True)
         if self.art_rule not in ART_RULES:
             raise ValueError(f"GPTBConfig.art_rule must be one of {ART_RULES}, got {self.art_rule!r}")
         if self.art_pooling not in ART_POOLINGS:
             raise ValueError(f"GPTBConfig.art_pooling must be one of {ART_POOLINGS}, got {self.art_pooling!r}")
-        for name in ("rebias", "decode_cuda_graph"):
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACT2FN:
+            raise ValueError(
+                f"GPTBConfig.activation_function must be one of transformers' activations "
+                f"({', '.join(sorted(ACT2FN))}), got {self.activation_function!r}"
+            )
+        # a string such as "no" is truthy: refuse anything but a real bool
+        for name in (
+            "rebias",
+            "use_cache",
+            "art_enabled",
+            "art_learn_in_eval",
+            "tie_word_embeddings",
+            "decode_cuda_graph",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTBConfig.{name} must be True or False, got {getattr(self, name)!r}")
 

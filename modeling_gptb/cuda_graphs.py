@@ -67,11 +67,12 @@ class CapturedDecodeStep:
 
 def eager_decode_step(model, token_ids, state, update_mask):
     """
-    The captured function: the model's eager step over the static buffers, without host syncs (no id-range or
-    all-ones mask checks, no ART). Where `update_mask` is False the state is kept, as a 0 in `attention_mask` does.
+    The captured function: the model's eager step over the static buffers, without ART and without an attention
+    mask (its all-ones test would read the values on the host); where `update_mask` is False the state is kept, as a
+    0 in `attention_mask` does. Under capture the model's value checks (token ids in range, a finite state) become
+    device-side asserts, checked at every replay (`validation.ValueChecks`).
     """
-    embeds = model.get_input_embeddings()(token_ids)
-    out = model(inputs_embeds=embeds, past_hidden_states=state, use_cache=False, art_mode="off", return_dict=True)
+    out = model(input_ids=token_ids, past_hidden_states=state, use_cache=False, art_mode="off", return_dict=True)
     new_state = torch.where(update_mask[:, None, None], out.past_hidden_states, state)
     return out.logits, new_state
 

@@ -8,6 +8,7 @@ This file travels to the Hub as remote code: it imports only the standard librar
 sibling files.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -22,10 +23,19 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput, cached_file
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTStatus
+from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTOutput, ARTStatus
 from .chunked_loss import chunked_causal_lm_loss
 from .configuration_gptb import GPTBConfig
 from .cuda_graphs import DecodeGraphs
+from .validation import (
+    INDEX_DTYPES,
+    ValueChecks,
+    check_binary_mask,
+    check_extra_kwargs,
+    check_finite,
+    check_logits_to_keep,
+    check_token_ids,
+)
 
 # generate() hands the state over as `cache` from transformers 5.24 on; older versions would silently drop it
 if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
@@ -55,12 +65,16 @@ class GPTBModelOutput(ModelOutput):
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             The window input and each block's output at the token position of each step, `(batch_size,
             sequence_length, n_embd)` each; the last one is after `ln_f` (GPT-2's convention).
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Each block's attention weights over the window at each step, `(batch_size, n_head, sequence_length,
+            state_size + 1, state_size + 1)` each (the window's last position is the token).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     past_hidden_states: torch.FloatTensor | None = None
     cache: "GPTBCache | None" = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -73,9 +87,10 @@ class GPTBCausalLMOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): next-token scores.
         past_hidden_states (`torch.FloatTensor` of shape `(batch_size, state_size, n_embd)`): the final state.
         cache ([`GPTBCache`], *optional*): the final state wrapped for `generate()`.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*): see [`GPTBModelOutput`].
+        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*): see [`GPTBModelOutput`].
         art_category, art_status, art_novelty (`torch.Tensor` of shape `(batch_size,)`, *optional*):
-            what the ART memory made of each sequence (when `config.art_enabled`).
+            what the ART memory made of each sequence (when `config.art_enabled`); a sequence without a valid step
+            (`attention_mask` all 0) is skipped: category -1, status -1, novelty NaN.
     """
 
     loss: torch.FloatTensor | None = None
@@ -83,6 +98,7 @@ class GPTBCausalLMOutput(ModelOutput):
     past_hidden_states: torch.FloatTensor | None = None
     cache: "GPTBCache | None" = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     art_category: torch.LongTensor | None = None
     art_status: torch.LongTensor | None = None
     art_novelty: torch.FloatTensor | None = None
@@ -131,20 +147,25 @@ class GPTBAttention(nn.Module):
         # rebias: the window is read both ways, so the state slots see the new token
         self.is_causal = not config.rebias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        """The attention output and, with `output_attentions`, its weights `(batch, n_head, width, width)`."""
         batch, width, dim = x.shape
         qkv = self.c_attn(x).view(batch, width, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=self.is_causal,
-            scale=1.0 / math.sqrt(self.head_dim),
-        )
+        dropout = self.attn_pdrop if self.training else 0.0
+        scale = 1.0 / math.sqrt(self.head_dim)
+        weights = None
+        if output_attentions:  # SDPA does not return its weights: the same attention, written out
+            scores = (q @ k.transpose(-2, -1)) * scale
+            if self.is_causal:
+                future = torch.ones(width, width, dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            y = F.dropout(weights, p=dropout, training=self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.is_causal, scale=scale)
         y = y.transpose(1, 2).reshape(batch, width, dim)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y)), weights
 
 
 class GPTBMLP(nn.Module):
@@ -173,9 +194,10 @@ class GPTBBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPTBMLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, output_attentions: bool = False):
+        attended, weights = self.attn(self.ln_1(x), output_attentions)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,9 +294,10 @@ class GPTBPreTrainedModel(PreTrainedModel):
         card_was_there = os.path.isfile(card)
         result = super().save_pretrained(save_directory, *args, **kwargs)
         is_main_process = args[0] if args else kwargs.get("is_main_process", True)
-        if is_main_process and not card_was_there and os.path.isdir(save_directory):
+        card_text = self.model_card_text(kwargs.get("repo_id")) if is_main_process and not card_was_there else None
+        if card_text is not None and os.path.isdir(save_directory):
             with open(card, "w", encoding="utf-8") as f:
-                f.write(self.model_card_text(kwargs.get("repo_id")))
+                f.write(card_text)
         return result
 
     def push_to_hub(
@@ -348,50 +371,17 @@ class GPTBPreTrainedModel(PreTrainedModel):
                 card.save(card_path)
         return self._upload_modified_files(folder, repo_id, timestamps, token=token, **commit)
 
-    def model_card_text(self, repo_id: str | None = None) -> str:
+    def model_card_text(self, repo_id: str | None = None) -> str | None:
         """
-        The `README.md` that [`save_pretrained`] writes into a folder without one: Hub metadata (`library_name:
-        transformers`, `pipeline_tag: text-generation`, tags `gptb`, `custom_code`, ...), the architecture, the ART
-        memory and a usage snippet with `trust_remote_code=True`. `gptb train` replaces it with a fuller card, rendered
-        with GPTB's template (training data, steps, eval loss and perplexity).
+        The `README.md` that [`save_pretrained`] writes into a folder without one: GPTB's one model card (the template
+        `gptb train` renders too), with this model's facts. None where only the remote code is at hand, without the
+        `gptb` package and its template: then no card is written.
         """
-        from huggingface_hub import ModelCardData
-
-        config = self.config
-        tags = ["gptb", "gpt2", "recurrent", "custom_code", *(["art-memory"] if config.art_enabled else [])]
-        metadata = ModelCardData(
-            library_name="transformers",
-            pipeline_tag="text-generation" if self.can_generate() else None,
-            tags=tags,
-        )
-        rows = [
-            ("Architecture", f"GPTB: GPT-2 made recurrent ({type(self).__name__})"),
-            ("Layers / width / heads", f"{config.n_layer} / {config.n_embd} / {config.n_head}"),
-            ("Recurrent state", f"{config.state_size} x {config.n_embd}, the same size at every sequence length"),
-            ("Vocabulary", f"{config.vocab_size:,}"),
-            ("Parameters", f"{self.num_parameters():,}"),
-        ]
-        if config.art_enabled:
-            memory = getattr(self, "art_memory", None)
-            categories = f", {memory.num_categories:,} categories" if memory is not None else ""
-            rows.append(("ART memory", f"{config.art_rule}, vigilance {config.art_vigilance:g}{categories}"))
-        name = repo_id or "path/to/gptb-model"
-        loader = "AutoModelForCausalLM" if self.can_generate() else "AutoModel"
-        table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-        return (
-            f"---\n{metadata.to_yaml()}\n---\n\n"
-            f"# {name.rsplit('/', 1)[-1] if repo_id else 'GPTB model'}\n\n"
-            "A GPTB model: each step reads one token and a fixed-size state (the model's own previous outputs) "
-            "through GPT-2 blocks, so memory and time per token stay constant in the sequence length.\n\n"
-            f"| | |\n|---|---|\n{table}\n\n"
-            "## Usage\n\n"
-            "The model code travels with the weights, so loading needs `trust_remote_code=True`:\n\n"
-            "```python\n"
-            f"from transformers import {loader}, AutoTokenizer\n\n"
-            f'model = {loader}.from_pretrained("{name}", trust_remote_code=True)\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # gptb train saves a tokenizer with the model\n'
-            "```\n"
-        )
+        try:  # absolute on purpose: the remote-code copy must not carry the package's card code with it
+            from modeling_gptb.model_card import render_model_card
+        except ImportError:
+            return None
+        return render_model_card(self, repo_id=repo_id).content
 
 
 class GPTBModel(GPTBPreTrainedModel):
@@ -436,19 +426,25 @@ class GPTBModel(GPTBPreTrainedModel):
         self._window = torch.compile(self._window, **compile_kwargs)
         return self
 
-    def _window(self, window: torch.Tensor, all_layers: bool):
-        """Blocks and `ln_f` over one window; with `all_layers`, also every layer's output at the token position."""
+    def _window(self, window: torch.Tensor, all_layers: bool, attentions: bool = False):
+        """
+        Blocks and `ln_f` over one window. With `all_layers`, also every layer's output at the token position
+        `(n_layer + 1, batch, n_embd)`; with `attentions`, every block's weights `(n_layer, batch, n_head, M+1, M+1)`.
+        """
         x = self.drop(window)
         per_layer = [x[:, -1]] if all_layers else None
+        weights = [] if attentions else None
         for block in self.h:
-            x = block(x)
+            x, block_weights = block(x, attentions)
             if all_layers:
                 per_layer.append(x[:, -1])
+            if attentions:
+                weights.append(block_weights)
         x = self.ln_f(x)
         if all_layers:
             per_layer[-1] = x[:, -1]
-            return x, torch.stack(per_layer, dim=0)
-        return x, None
+            per_layer = torch.stack(per_layer, dim=0)
+        return x, per_layer, torch.stack(weights, dim=0) if attentions else None
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -460,7 +456,9 @@ class GPTBModel(GPTBPreTrainedModel):
         cache: GPTBCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> GPTBModelOutput | tuple:
         r"""
@@ -474,29 +472,47 @@ class GPTBModel(GPTBPreTrainedModel):
                 token embeddings instead of `input_ids`.
             cache ([`GPTBCache`], *optional*): `generate()`'s form of `past_hidden_states` (`past_key_values`
                 before transformers 5.24).
+            output_attentions (`bool`, *optional*): return each block's attention weights over the window at each
+                step (computed without SDPA's fused kernel, so slower).
+            token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): as in GPT-2,
+                their `wte` embeddings are added to the token embeddings.
+
+        GPT-2's `position_ids`, `encoder_hidden_states` and `encoder_attention_mask` have no meaning here and are
+        refused (`ValueError`), as is any other argument this model does not read. Every input is checked before any
+        work: a bad one raises `ValueError` naming it and the value expected.
         """
+        check_extra_kwargs(kwargs, type(self).__name__)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
-        token_embeds = self._token_embeddings(input_ids, inputs_embeds)
-        batch, steps = token_embeds.shape[:2]
-        state, consumed = self._start_state(past_hidden_states, cache, batch, token_embeds)
-        step_mask = self._step_mask(attention_mask, batch, steps, token_embeds.device)
+        checks = ValueChecks()
+        batch, steps = self._check_tokens(input_ids, inputs_embeds, token_type_ids, checks)
+        state, consumed = self._start_state(past_hidden_states, cache, batch, checks)
+        step_mask = self._step_mask(attention_mask, batch, steps, self.wte.weight.device, checks)
+        checks.raise_first_failure()
+
+        token_embeds = self.wte(input_ids) if input_ids is not None else inputs_embeds
+        if token_type_ids is not None:
+            token_embeds = token_embeds + self.wte(token_type_ids)
+        if state is None:
+            state = self.initial_state(batch)
+        state = state.to(device=token_embeds.device, dtype=token_embeds.dtype)
 
         positions = self.wpe(self.window_positions)
         run_window = self._window
         if self.gradient_checkpointing and self.training:
             run_window = self._checkpointed_window
         bptt = self.config.bptt_steps
-        token_outputs, layer_outputs = [], []
+        token_outputs, layer_outputs, attention_outputs = [], [], []
         for t in range(steps):
             if bptt is not None and t > 0 and t % bptt == 0:
                 state = state.detach()
             window = torch.cat([state, token_embeds[:, t : t + 1]], dim=1) + positions
-            out, per_layer = run_window(window, output_hidden_states)
+            out, per_layer, weights = run_window(window, output_hidden_states, output_attentions)
             new_state = out[:, : self.state_size]
             if step_mask is not None:
                 new_state = torch.where(step_mask[:, t, None, None], new_state, state)
@@ -504,92 +520,141 @@ class GPTBModel(GPTBPreTrainedModel):
             token_outputs.append(out[:, -1])
             if output_hidden_states:
                 layer_outputs.append(per_layer)
+            if output_attentions:
+                attention_outputs.append(weights)
 
         last_hidden_state = torch.stack(token_outputs, dim=1)
-        hidden_states = None
+        hidden_states = attentions = None
         if output_hidden_states:
             hidden_states = tuple(torch.stack(layer_outputs, dim=2).unbind(0))
+        if output_attentions:
+            attentions = tuple(torch.stack(attention_outputs, dim=3).unbind(0))  # per layer: (B, H, T, M+1, M+1)
         new_cache = GPTBCache(state, consumed + steps) if use_cache else None
 
         if not return_dict:
-            return tuple(v for v in (last_hidden_state, state, hidden_states) if v is not None)
+            return tuple(v for v in (last_hidden_state, state, hidden_states, attentions) if v is not None)
         return GPTBModelOutput(
             last_hidden_state=last_hidden_state,
             past_hidden_states=state,
             cache=new_cache,
             hidden_states=hidden_states,
+            attentions=attentions,
         )
 
-    def _checkpointed_window(self, window, all_layers):
-        return self._gradient_checkpointing_func(self._window, window, all_layers)
+    def _checkpointed_window(self, window, all_layers, attentions):
+        return self._gradient_checkpointing_func(self._window, window, all_layers, attentions)
 
     # -- input checks: a clear error before any work -------------------------------------------------------------
 
-    def _token_embeddings(self, input_ids, inputs_embeds):
+    def _check_tokens(self, input_ids, inputs_embeds, token_type_ids, checks: ValueChecks) -> tuple[int, int]:
+        """Check the tokens (ids or embeddings) and their types; returns (batch_size, sequence_length)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`, got both or neither")
+        vocab = self.config.vocab_size
         if input_ids is not None:
-            if input_ids.ndim != 2:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
                 raise ValueError(
-                    f"`input_ids` must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}"
+                    f"`input_ids` must be a tensor of shape (batch_size, sequence_length), got {_describe(input_ids)}"
                 )
             if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
                 raise ValueError(f"`input_ids` is empty (shape {tuple(input_ids.shape)}): pass at least one token")
-            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-                raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
-            low, high = int(input_ids.min()), int(input_ids.max())
-            vocab = self.config.vocab_size
-            if low < 0 or high >= vocab:
-                bad = low if low < 0 else high
-                raise ValueError(f"token id {bad} is outside the vocabulary: ids must be in [0, {vocab})")
-            return self.wte(input_ids)
-        expected = f"(batch_size, sequence_length, {self.config.n_embd})"
-        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.n_embd:
-            raise ValueError(f"`inputs_embeds` must have shape {expected}, got {tuple(inputs_embeds.shape)}")
-        if inputs_embeds.shape[1] == 0 or inputs_embeds.shape[0] == 0:
-            raise ValueError(f"`inputs_embeds` is empty (shape {tuple(inputs_embeds.shape)}): pass at least one step")
-        return inputs_embeds
+            if input_ids.dtype not in INDEX_DTYPES:
+                raise ValueError(
+                    f"`input_ids` must hold integer token ids (torch.long or torch.int), got dtype {input_ids.dtype}"
+                )
+            check_token_ids(checks, "input_ids", input_ids, vocab)
+            shape = tuple(input_ids.shape)
+        else:
+            expected = f"(batch_size, sequence_length, {self.config.n_embd})"
+            if (
+                not isinstance(inputs_embeds, torch.Tensor)
+                or inputs_embeds.ndim != 3
+                or inputs_embeds.shape[-1] != self.config.n_embd
+            ):
+                raise ValueError(f"`inputs_embeds` must have shape {expected}, got {_describe(inputs_embeds)}")
+            if inputs_embeds.shape[1] == 0 or inputs_embeds.shape[0] == 0:
+                raise ValueError(
+                    f"`inputs_embeds` is empty (shape {tuple(inputs_embeds.shape)}): pass at least one step"
+                )
+            if inputs_embeds.dtype != self.wte.weight.dtype:
+                raise ValueError(
+                    f"`inputs_embeds` must have the model's dtype {self.wte.weight.dtype}, got {inputs_embeds.dtype}: "
+                    f"pass inputs_embeds.to({self.wte.weight.dtype})"
+                )
+            check_finite(checks, "inputs_embeds", inputs_embeds)
+            shape = tuple(inputs_embeds.shape[:2])
+        if token_type_ids is not None:
+            if not isinstance(token_type_ids, torch.Tensor) or tuple(token_type_ids.shape) != shape:
+                raise ValueError(
+                    f"`token_type_ids` must have the shape of the inputs {shape}, got {_describe(token_type_ids)}"
+                )
+            check_token_ids(checks, "token_type_ids", token_type_ids, vocab)
+        return shape
 
-    def _start_state(self, past_hidden_states, cache, batch, like):
-        """The state to start from and the number of positions it has consumed."""
+    def _start_state(self, past_hidden_states, cache, batch, checks: ValueChecks):
+        """The state to start from (None: `initial_embeds`) and the number of positions it has consumed."""
         if isinstance(cache, GPTBCache):
             if past_hidden_states is not None:
                 raise ValueError("Pass the state as `past_hidden_states` or `cache`, not both")
             past_hidden_states, consumed = cache.state, cache.seq_length
-        elif cache is not None and cache.get_seq_length() > 0:
-            raise ValueError(
-                f"`cache` must be a GPTBCache (the state returned by this model), got "
-                f"{type(cache).__name__} holding {cache.get_seq_length()} positions"
-            )
+        elif cache is None or (isinstance(cache, transformers.Cache) and cache.get_seq_length() == 0):
+            consumed = 0  # generate()'s empty default cache carries nothing
         else:
-            consumed = 0
+            held = f" holding {cache.get_seq_length()} positions" if isinstance(cache, transformers.Cache) else ""
+            raise ValueError(
+                f"`cache` must be a GPTBCache (the state returned by this model) or None, "
+                f"got {type(cache).__name__}{held}"
+            )
         if past_hidden_states is None:
-            return self.initial_state(batch), consumed
+            return None, consumed
         expected = (batch, self.state_size, self.config.n_embd)
-        if tuple(past_hidden_states.shape) != expected:
+        if not isinstance(past_hidden_states, torch.Tensor) or tuple(past_hidden_states.shape) != expected:
             raise ValueError(
                 f"`past_hidden_states` must have shape (batch_size, state_size, n_embd) = {expected}, "
-                f"got {tuple(past_hidden_states.shape)}"
+                f"got {_describe(past_hidden_states)}"
             )
         if not past_hidden_states.dtype.is_floating_point:
             raise ValueError(
-                f"`past_hidden_states` must be a floating-point tensor (the model's {like.dtype}), "
+                f"`past_hidden_states` must be a floating-point tensor (the model's {self.wte.weight.dtype}), "
                 f"got {past_hidden_states.dtype}"
             )
-        return past_hidden_states.to(device=like.device, dtype=like.dtype), consumed
+        check_finite(checks, "past_hidden_states", past_hidden_states)
+        return past_hidden_states, consumed
 
     @staticmethod
-    def _step_mask(attention_mask, batch, steps, device):
-        """Boolean (batch, steps) mask of the steps that update the state, or None when all do."""
+    def _step_mask(attention_mask, batch, steps, device, checks: ValueChecks):
+        """Boolean (batch, steps) mask of the steps that update the state, or None when there is no mask."""
         if attention_mask is None:
             return None
-        if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < steps:
+        if (
+            not isinstance(attention_mask, torch.Tensor)
+            or attention_mask.ndim != 2
+            or attention_mask.shape[0] != batch
+            or attention_mask.shape[1] < steps
+        ):
             raise ValueError(
                 f"`attention_mask` must have shape (batch_size, length) with batch_size = {batch} and "
-                f"length >= sequence_length = {steps}, got {tuple(attention_mask.shape)}"
+                f"length >= sequence_length = {steps}, got {_describe(attention_mask)}"
             )
-        mask = attention_mask[:, -steps:].to(device=device, dtype=torch.bool)
-        return None if bool(mask.all()) else mask
+        mask = attention_mask[:, -steps:]
+        check_binary_mask(checks, "attention_mask", mask)
+        return mask.to(device=device, dtype=torch.bool)
+
+
+def _describe(value) -> str:
+    """A bad argument, as an error message names it: a tensor's shape, or the value of anything else."""
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+
+
+def _skipped_rows_filled(art: ARTOutput, kept: torch.Tensor) -> ARTOutput:
+    """The memory's output for the `kept` rows, spread over the whole batch: category and status -1, novelty and
+    similarity NaN where a row was skipped."""
+    filled = []
+    for values, missing in ((art.category, -1), (art.status, -1), (art.similarity, math.nan), (art.novelty, math.nan)):
+        whole = values.new_full(kept.shape, missing)
+        whole[kept.to(values.device)] = values
+        filled.append(whole)
+    return ARTOutput(*filled)
 
 
 class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
@@ -670,32 +735,41 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         cache: GPTBCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         art_mode: str | None = None,
+        token_type_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> GPTBCausalLMOutput | tuple:
         r"""
         Args:
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): shifted inside the
-                model as in `GPT2LMHeadModel`, so `labels=input_ids` works; `-100` is ignored. `num_items_in_batch`
-                in `kwargs` (from `Trainer`) normalises the loss across gradient-accumulation steps.
-            logits_to_keep (`int`, *optional*): compute logits for the last `logits_to_keep` steps only (0 = all).
+                model as in `GPT2LMHeadModel`, so `labels=input_ids` works; values in `[0, vocab_size)` or `-100`
+                (ignored). `num_items_in_batch` in `kwargs` (from `Trainer`) normalises the loss across
+                gradient-accumulation steps.
+            logits_to_keep (`int`, *optional*): compute logits for the last `logits_to_keep` steps only (0 = all);
+                with `labels` it must keep every step.
             art_mode (`str`, *optional*): what the ART memory does with this batch: `"update"` (learn), `"classify"`
                 (read only) or `"off"`. Default: `"update"` in training mode (or with `config.art_learn_in_eval`),
-                `"off"` otherwise.
+                `"off"` otherwise. Sequences without a valid step (`attention_mask` all 0) are skipped.
 
-        See [`GPTBModel.forward`] for the other arguments. With `return_dict=False` the result is the tuple
-        `(logits, past_hidden_states, ...)`, preceded by `loss` when `labels` are given.
+        Every argument is checked before any work, and the memory learns from a call only when it completes: a call
+        that raises leaves the ART memory as it was. See [`GPTBModel.forward`] for the other arguments. With
+        `return_dict=False` the result is the tuple `(logits, past_hidden_states, ...)`, preceded by `loss` when
+        `labels` are given.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        check_extra_kwargs(kwargs, type(self).__name__)
+        art_mode = self._art_mode(art_mode)
+        self._check_labels(input_ids if input_ids is not None else inputs_embeds, labels, logits_to_keep)
         if self.config.decode_cuda_graph:
-            eval_art_mode = art_mode or ("update" if self.config.art_learn_in_eval else "off")
-            art_learns = self.art_memory is not None and eval_art_mode != "off"
             decoded = self._graph_decode_step(
                 input_ids, cache, attention_mask, use_cache, return_dict, labels=labels, inputs_embeds=inputs_embeds,
-                past_hidden_states=past_hidden_states, art_learns=art_learns,
+                past_hidden_states=past_hidden_states, art_learns=art_mode != "off",
                 output_hidden_states=output_hidden_states or self.config.output_hidden_states,
+                output_attentions=output_attentions or self.config.output_attentions,
+                token_type_ids=token_type_ids,
             )  # fmt: skip
             if decoded is not None:
                 return decoded
@@ -707,33 +781,25 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            token_type_ids=token_type_ids,
             return_dict=True,
         )
         hidden = outputs.last_hidden_state
-        steps = hidden.shape[1]
-        if labels is not None and labels.shape != hidden.shape[:2]:
-            raise ValueError(
-                f"`labels` must have the shape of the inputs {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}"
-            )
-        art, pooled = self._art(outputs, attention_mask, art_mode)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        # config.loss_chunk_size: in training the loss makes the logits chunk by chunk, and returns none
-        chunked_loss = labels is not None and self.training and self.config.loss_chunk_size is not None
-        logits = None if chunked_loss else self.lm_head(hidden)
-
-        loss = None
-        if labels is not None:
-            if hidden.shape[1] != steps:
-                raise ValueError("`labels` need the logits of every step: leave `logits_to_keep` at 0")
-            loss = self._language_modelling_loss(logits, labels, art, hidden=hidden, **kwargs)
-            if art is not None and self.config.art_loss_weight > 0:
-                loss = loss + self.config.art_loss_weight * self._art_coupling_loss(pooled, art)
+        with self._art_undone_on_error(art_mode == "update"):
+            art, pooled = self._art(outputs, attention_mask, art_mode)
+            # config.loss_chunk_size: in training the loss makes the logits chunk by chunk, and returns none
+            chunked_loss = labels is not None and self.training and self.config.loss_chunk_size is not None
+            logits = None if chunked_loss else self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            loss = None
+            if labels is not None:
+                loss = self._language_modelling_loss(logits, labels, art, hidden=hidden, **kwargs)
+                if art is not None and self.config.art_loss_weight > 0:
+                    loss = loss + self.config.art_loss_weight * self._art_coupling_loss(pooled, art)
 
         if not return_dict:
             output = (logits, outputs.past_hidden_states)
-            if outputs.hidden_states is not None:
-                output += (outputs.hidden_states,)
+            output += tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
             return ((loss,) + output) if loss is not None else output
         return GPTBCausalLMOutput(
             loss=loss,
@@ -741,6 +807,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             past_hidden_states=outputs.past_hidden_states,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             art_category=None if art is None else art.category,
             art_status=None if art is None else art.status,
             art_novelty=None if art is None else art.novelty,
@@ -761,27 +828,66 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         new_cache = GPTBCache(state, cache.seq_length + 1) if use_cache else None
         return GPTBCausalLMOutput(logits=logits, past_hidden_states=state, cache=new_cache)
 
+    def _check_labels(self, inputs, labels, logits_to_keep):
+        """`logits_to_keep` and `labels` (shape of the inputs, ids or -100), before any work."""
+        steps = inputs.shape[1] if isinstance(inputs, torch.Tensor) and inputs.ndim >= 2 else None
+        check_logits_to_keep(logits_to_keep, steps or 0, labels is not None)
+        if labels is None or steps is None:
+            return  # without usable inputs the model's own checks raise
+        expected = tuple(inputs.shape[:2])
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != expected:
+            raise ValueError(f"`labels` must have the shape of the inputs {expected}, got {_describe(labels)}")
+        if labels.dtype != torch.long:  # what cross-entropy takes as targets
+            raise ValueError(f"`labels` must be a torch.long tensor of token ids, got dtype {labels.dtype}")
+        checks = ValueChecks()
+        check_token_ids(checks, "labels", labels, self.config.vocab_size, ignore_index=-100)
+        checks.raise_first_failure()
+
     # -- ART memory: pooled sequence representations, the coupled loss and the continual-learning gate --------------
+
+    def _art_mode(self, art_mode: str | None) -> str:
+        """The memory's action for this call: "update", "classify" or "off"."""
+        if art_mode not in (None, "update", "classify", "off"):
+            raise ValueError(f"art_mode must be 'update', 'classify' or 'off' (None: the default), got {art_mode!r}")
+        if self.art_memory is None:
+            if art_mode in ("update", "classify"):
+                raise ValueError(f"art_mode={art_mode!r} needs an ART memory: this model has none (art_enabled=False)")
+            return "off"
+        if art_mode is None:
+            return "update" if (self.training or self.config.art_learn_in_eval) else "off"
+        return art_mode
+
+    @contextlib.contextmanager
+    def _art_undone_on_error(self, learning: bool):
+        """The memory learns from a forward only when the forward completes: an error after the update undoes it."""
+        if not learning:
+            yield
+            return
+        before = [buffer.clone() for buffer in self.art_memory.buffers()]
+        try:
+            yield
+        except BaseException:
+            with torch.no_grad():
+                for buffer, saved in zip(self.art_memory.buffers(), before, strict=True):
+                    buffer.copy_(saved)
+            raise
 
     def _art(self, outputs: GPTBModelOutput, attention_mask, art_mode):
         """Feed (or only classify) the pooled representation of each sequence; returns (ARTOutput, pooled)."""
-        if self.art_memory is None or art_mode == "off":
-            return None, None
-        if art_mode is None:
-            art_mode = "update" if (self.training or self.config.art_learn_in_eval) else "off"
-        if art_mode not in ("update", "classify", "off"):
-            raise ValueError(f"art_mode must be 'update', 'classify' or 'off', got {art_mode!r}")
         if art_mode == "off":
             return None, None
         pooled = self.art_input(self.pool(outputs, attention_mask))
+        memory_input = pooled.detach()
+        memory_call = self.art_memory.update if art_mode == "update" else self.art_memory.classify
         with torch.no_grad():
-            memory_input = pooled.detach()
-            art = (
-                self.art_memory.update(memory_input)
-                if art_mode == "update"
-                else self.art_memory.classify(memory_input)
-            )
-        return art, pooled
+            if attention_mask is None:
+                return memory_call(memory_input), pooled
+            # a sequence without a valid step has nothing to remember (it would pool to a constant vector)
+            steps = outputs.last_hidden_state.shape[1]
+            has_steps = attention_mask[:, -steps:].to(device=pooled.device, dtype=torch.bool).any(dim=1)
+            if bool(has_steps.all()):
+                return memory_call(memory_input), pooled
+            return _skipped_rows_filled(memory_call(memory_input[has_steps]), has_steps), pooled
 
     def pool(self, outputs: GPTBModelOutput, attention_mask=None) -> torch.Tensor:
         """The `(batch_size, n_embd)` representation of each sequence chosen by `config.art_pooling`."""

@@ -11,6 +11,7 @@ continues from the latest one. At the end `OUTPUT_DIR` holds a Hub-ready model f
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -22,19 +23,36 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from accelerate.utils.other import id_tensor_storage
+from accelerate.utils.other import load as accelerate_load
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, get_cosine_schedule_with_warmup
 
 from . import data as gptb_data
 from .configuration_gptb import GPTBConfig
 from .modeling_gptb import GPTBLMHeadModel
+from .output_folder import (
+    CHECKPOINTS,
+    INCOMING,
+    STATE_FILE,
+    checkpoints_in,
+    complete_swap,
+    crash_point,
+    discard,
+    looks_like_model,
+    publish_checkpoint,
+    publish_model,
+    read_checkpoint_state,
+    remove_leftovers,
+    run_differences,
+    run_id,
+    staging_folder,
+)
 from .presets import load_model_preset, load_recipe
 from .throughput import model_flops_utilization, peak_flops
 from .tokenization import token_config_kwargs, train_tokenizer
-
-CHECKPOINT_PREFIX = "step-"
-STATE_FILE = "trainer_state.json"
 
 
 class TrainingError(RuntimeError):
@@ -73,6 +91,7 @@ class TrainArgs:
     compile: bool = False  # torch.compile each step's window (GPUs; see GPTBModel.compile_step)
     peak_tflops: float | None = None  # the peak MFU is measured against (default: a table of GPUs)
     overwrite_output_dir: bool = False
+    allow_inexact_resume: bool = False
     report_to: str | None = None
     sample_prompt: str = "The "
     sample_tokens: int = 80
@@ -80,24 +99,122 @@ class TrainArgs:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Setup: output folder, tokenizer, data, model
+# Setup: arguments and output folder (checked before any work), tokenizer, data, model
+
+POSITIVE_INTS = (
+    "block_size",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "eval_steps",
+    "eval_batches",
+    "save_steps",
+    "logging_steps",
+)
+OPTIONAL_POSITIVE_INTS = ("max_chars", "num_threads", "stop_after_step")
+NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens")
+MIN_TOKENIZER_VOCAB = 258  # 256 bytes + 2 special tokens
+CONFIG_FIELDS = sorted(set(inspect.signature(GPTBConfig.__init__).parameters) - {"self", "kwargs"})
 
 
-def looks_like_model(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+def check_args(args: TrainArgs):
+    """Refuse, in one line naming the argument and its accepted range, any setting out of range."""
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def refuse(name: str, expected: str):
+        raise TrainingError(f"--{name} must be {expected}, got {getattr(args, name)!r}")
+
+    for name in POSITIVE_INTS:
+        if not is_int(getattr(args, name)) or getattr(args, name) < 1:
+            refuse(name, "an integer >= 1")
+    for name in OPTIONAL_POSITIVE_INTS:
+        value = getattr(args, name)
+        if value is not None and (not is_int(value) or value < 1):
+            refuse(name, "an integer >= 1")
+    for name in NON_NEGATIVE_INTS:
+        if not is_int(getattr(args, name)) or getattr(args, name) < 0:
+            refuse(name, "an integer >= 0")
+    vocab = args.tokenizer_vocab_size
+    if vocab is not None and (not is_int(vocab) or vocab < MIN_TOKENIZER_VOCAB):
+        refuse("tokenizer_vocab_size", f"an integer >= {MIN_TOKENIZER_VOCAB} (256 bytes + 2 special tokens)")
+    for name, floor in (("learning_rate", "> 0"), ("max_grad_norm", "> 0"), ("weight_decay", ">= 0")):
+        value = getattr(args, name)
+        if not isinstance(value, (int, float)) or not (value > 0 if floor == "> 0" else value >= 0):
+            refuse(name, f"a number {floor}")
+    unknown = sorted(set(args.overrides) - set(CONFIG_FIELDS))
+    if unknown:
+        known = ", ".join(CONFIG_FIELDS)
+        raise TrainingError(f"--set: unknown model config field(s) {', '.join(unknown)}; known: {known}")
+    for option in ("tokenizer", "init_from"):
+        check_source(option, getattr(args, option))
 
 
-def check_output_dir(args: TrainArgs) -> Path:
-    """Refuse to start a run that could overwrite a good model, before any work."""
-    output = Path(args.output_dir)
+def check_source(option: str, value: str | None):
+    """A local folder, or a Hub repo id (loaded, and its errors reported, when the run starts)."""
+    if value is None or Path(value).expanduser().is_dir():
+        return
+    if Path(value).expanduser().exists():
+        raise TrainingError(f"--{option} {value} is a file; expected a model folder or a Hub repo id")
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise TrainingError(f"--{option} {value}: no such folder, and not a Hub repo id (name or org/name)") from None
+
+
+def model_fields(args: TrainArgs) -> dict:
+    """The model config the run asks for (preset, then --set), its values checked by GPTBConfig."""
+    fields = json.loads(json.dumps({**load_model_preset(args.preset), **args.overrides}))  # as a checkpoint records it
+    GPTBConfig(**fields)
+    return fields
+
+
+# The settings that decide what a run produces (with the model config and the data); output, logging and
+# sampling settings do not.
+RUN_SETTINGS = (
+    "seed",
+    "tokenizer",
+    "tokenizer_vocab_size",
+    "init_from",
+    "block_size",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "learning_rate",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+)
+EVAL_SETTINGS = ("eval_steps", "eval_batches")
+
+
+def run_record(args: TrainArgs, fields: dict, accelerator: Accelerator) -> dict:
+    """What decides a run's result; every checkpoint records it and a resumed run must match it."""
+    names = RUN_SETTINGS + (EVAL_SETTINGS if fields.get("art_learn_in_eval") else ())  # eval then trains the memory
+    settings = {name: getattr(args, name) for name in names}
+    settings["mixed_precision"] = accelerator.mixed_precision  # what ran, whether set here or by `accelerate launch`
+    settings["num_processes"] = accelerator.num_processes
+    return {"settings": settings, "model": fields}
+
+
+def check_output_dir(args: TrainArgs, output: Path):
+    """Refuse a run that could overwrite a good model or mix with an earlier run's checkpoints."""
     if output.exists() and not output.is_dir():
         raise TrainingError(f"--output_dir {output} exists and is not a folder")
-    if output.is_dir() and looks_like_model(output) and not (args.resume or args.overwrite_output_dir):
+    if args.resume or args.overwrite_output_dir:
+        return
+    if looks_like_model(output):
         raise TrainingError(
             f"--output_dir {output} already holds a trained model. Pass --resume to continue its training, "
             "--overwrite_output_dir to replace it when the new run succeeds, or choose another folder."
         )
-    return output
+    found = checkpoints_in(output)
+    if found:
+        raise TrainingError(
+            f"--output_dir {output} holds checkpoints of an earlier run ({', '.join(p.name for p in found)}). "
+            "Pass --resume to continue it, --overwrite_output_dir to discard them, or choose another folder."
+        )
 
 
 def load_texts(args: TrainArgs) -> tuple[list[str], list[str], str]:
@@ -127,7 +244,7 @@ def build_tokenizer(
     """
     source = args.tokenizer or args.init_from
     if source:
-        return AutoTokenizer.from_pretrained(source)
+        return load_source("tokenizer" if args.tokenizer else "init_from", source, AutoTokenizer.from_pretrained)
     cached = output / "checkpoints" / "tokenizer"
     vocab_size = args.tokenizer_vocab_size or model_preset.get("vocab_size", 4096)
     with accelerator.main_process_first():
@@ -155,18 +272,20 @@ def build_model(args: TrainArgs, model_preset: dict, tokenizer) -> GPTBLMHeadMod
     fields = {**model_preset, **args.overrides, **token_config_kwargs(tokenizer)}
     if args.init_from:
         own = {key: value for key, value in fields.items() if key not in ("vocab_size",)}
-        return GPTBLMHeadModel.from_pretrained(args.init_from, **own)
+        return load_source("init_from", args.init_from, lambda source: GPTBLMHeadModel.from_pretrained(source, **own))
     return GPTBLMHeadModel(GPTBConfig(**fields))
 
 
+def load_source(option: str, source: str, load):
+    """A tokenizer or model from a folder or the Hub, or one line saying why not."""
+    try:
+        return load(source)
+    except OSError as error:  # missing files, unknown repo, no network
+        raise TrainingError(f"--{option} {source} could not be loaded: {one_line(error)}") from error
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary folder and renamed, so a crash never leaves a half checkpoint
-
-
-def checkpoints_in(output: Path) -> list[Path]:
-    folder = output / "checkpoints"
-    found = [p for p in folder.glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file() and p.suffix != ".tmp"]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+# Checkpoints: written to a hidden folder and renamed, so a crash never leaves a half checkpoint (output_folder.py)
 
 
 def resolve_resume(args: TrainArgs, output: Path) -> Path | None:
@@ -177,18 +296,76 @@ def resolve_resume(args: TrainArgs, output: Path) -> Path | None:
         if not (folder / STATE_FILE).is_file():
             raise TrainingError(
                 f"--resume {folder} is not a GPTB training checkpoint (no {STATE_FILE}); "
-                f"checkpoints live in {output / 'checkpoints'}/{CHECKPOINT_PREFIX}N, or pass --resume latest"
+                f"checkpoints live in {output / CHECKPOINTS}/step-N, or pass --resume latest"
             )
         return folder
     found = checkpoints_in(output)
     if not found:
-        raise TrainingError(f"--resume latest: no checkpoint under {output / 'checkpoints'}")
+        raise TrainingError(f"--resume latest: no checkpoint under {output / CHECKPOINTS}")
     return found[-1]
 
 
-def save_checkpoint(accelerator: Accelerator, output: Path, step: int, history: dict, keep: int = 2):
-    final = output / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    staging = final.with_suffix(".tmp")
+def one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def check_resume(args: TrainArgs, output: Path, checkpoint: Path, record: dict, process_index: int) -> dict:
+    """The checkpoint's state, if it belongs to this run and can be continued exactly."""
+    try:
+        saved = read_checkpoint_state(checkpoint)
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"checkpoint {checkpoint} is damaged: {STATE_FILE}: {one_line(error)}") from error
+    if "run" not in saved:
+        raise TrainingError(
+            f"checkpoint {checkpoint} does not record its run's settings (an older gptb wrote it), so it cannot be "
+            "checked to belong to this run; start a new run"
+        )
+    differences = run_differences(saved["run"], record, sections=("settings", "model"))
+    if differences:
+        listed = "; ".join(differences)
+        extend = f" (to train a finished run further: --init_from {output})" if "--max_steps" in listed else ""
+        raise TrainingError(
+            f"--resume: this run's settings differ from those of the run in {checkpoint}: {listed}. "
+            f"Resume with the checkpoint's settings, or start a new run in another --output_dir{extend}."
+        )
+    foreign = [p.name for p in checkpoints_in(output) if read_checkpoint_state(p).get("run_id") != saved.get("run_id")]
+    if foreign:
+        raise TrainingError(
+            f"--output_dir {output} also holds checkpoints of another run ({', '.join(foreign)}); "
+            "move or delete them before resuming"
+        )
+    check_random_states(args, checkpoint, process_index)
+    return saved
+
+
+RANDOM_STATES = ("random_state", "numpy_random_seed", "torch_manual_seed")  # keys of accelerate's RNG file
+
+
+def check_random_states(args: TrainArgs, checkpoint: Path, process_index: int):
+    """accelerate skips a missing or unreadable RNG file silently; without it a resumed run draws other dropout."""
+    path = checkpoint / f"random_states_{process_index}.pkl"
+    expected = RANDOM_STATES + (("torch_cuda_manual_seed",) if torch.cuda.is_available() else ())
+    problem = None
+    if not path.is_file():
+        problem = "is missing"
+    else:
+        try:
+            missing = [key for key in expected if key not in accelerate_load(path)]
+            problem = f"lacks {', '.join(missing)}" if missing else None
+        except Exception as error:  # pickle, zip and weights-only errors alike
+            problem = f"is unreadable ({one_line(error)})"
+    if problem and not args.allow_inexact_resume:
+        raise TrainingError(
+            f"checkpoint {checkpoint}: {path.name} (the random-number states) {problem}, so the resumed run would not "
+            "repeat the interrupted one; pass --allow_inexact_resume to continue anyway"
+        )
+    if problem:
+        print(f"Warning: {path} {problem}; resuming without the exact random-number states", file=sys.stderr)
+
+
+def save_checkpoint(accelerator: Accelerator, output: Path, step: int, history: dict, record: dict, keep: int = 2):
+    final = output / CHECKPOINTS / f"step-{step}"
+    staging = staging_folder(final)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
@@ -198,13 +375,21 @@ def save_checkpoint(accelerator: Accelerator, output: Path, step: int, history: 
         model = accelerator.unwrap_model(accelerator._models[0])
         if model.art_memory is not None:
             model.art_memory.save_pretrained(staging)
-        (staging / STATE_FILE).write_text(json.dumps({"step": step, "history": history}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        for old in checkpoints_in(output)[:-keep]:
-            shutil.rmtree(old)
+        state = {"step": step, "history": history, "run": record, "run_id": run_id(record)}
+        (staging / STATE_FILE).write_text(json.dumps(state))
+        publish_checkpoint(staging, final, keep)
     accelerator.wait_for_everyone()
+
+
+def drop_shared_tensors(models, weights, output_dir):
+    """Save one name per storage (the tied lm_head is wte), as accelerate would, without its warning each time."""
+    for state in weights:
+        seen = set()
+        for name in list(state):
+            storage = id_tensor_storage(state[name])
+            if storage in seen:
+                del state[name]
+            seen.add(storage)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -249,10 +434,44 @@ def art_categories(model) -> int:
     return memory.num_categories if memory is not None else 0
 
 
-def train(args: TrainArgs) -> dict:
-    output = check_output_dir(args)
+def check_fsdp_honoured(accelerator: Accelerator):
+    """A launch configured for FSDP must run FSDP: Accelerate 1.15 turns it on only on GPUs (and the like) and on the
+    CPU (ACCELERATE_USE_CPU=1) silently runs DDP instead."""
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        raise ValueError(
+            f"the launch asks for FSDP, but Accelerate runs {accelerator.distributed_type.value} here (it has no "
+            "FSDP on the CPU): launch without FSDP (configuration/accelerate/cpu-2proc.yaml runs DDP) or on GPUs"
+        )
+
+
+def open_output_dir(args: TrainArgs, output: Path, record: dict, accelerator: Accelerator):
+    """Finish a final swap that a killed run left half done, then check that the folder suits this run: the
+    checkpoint to resume from and its saved state, or (None, None) for a fresh run."""
+    if accelerator.is_main_process and output.is_dir() and complete_swap(output):
+        print(f"Moved in the finished model that a killed run left in {output / INCOMING}")
+    accelerator.wait_for_everyone()
+    check_output_dir(args, output)
     resume_from = resolve_resume(args, output)
-    model_preset = load_model_preset(args.preset)
+    if resume_from is None:
+        return None, None
+    return resume_from, check_resume(args, output, resume_from, record, accelerator.process_index)
+
+
+def is_published(output: Path, record: dict) -> bool:
+    """Whether `output` holds the final model of this very run."""
+    metrics = output / "metrics.json"
+    return (
+        looks_like_model(output)
+        and metrics.is_file()
+        and json.loads(metrics.read_text()).get("run_id") == run_id(record)
+    )
+
+
+def train(args: TrainArgs) -> dict:
+    check_args(args)
+    fields = model_fields(args)
+    output = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -260,13 +479,38 @@ def train(args: TrainArgs) -> dict:
         project_dir=str(output),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_fsdp_honoured(accelerator)
+    record = run_record(args, fields, accelerator)
+    resume_from, saved = open_output_dir(args, output, record, accelerator)
     set_seed(args.seed)
     peak = peak_flops(accelerator.device, args.peak_tflops)  # for MFU in the log; checks --peak_tflops
     log = accelerator.print
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
 
     train_texts, eval_texts, data_source = load_texts(args)
+    record["data"] = {"sha256": texts_digest(train_texts + eval_texts)}
+    if saved is not None:
+        differences = run_differences(saved["run"], record, sections=("data",))
+        if differences:
+            raise TrainingError(
+                f"--resume: the texts of {data_source} differ from those the run in {resume_from} trained on: "
+                f"{differences[0]}. Resume with the same data, or start a new run in another --output_dir."
+            )
+        if saved["step"] >= args.max_steps and is_published(output, record):
+            log(
+                f"The run in {output} is complete (step {saved['step']} of --max_steps {args.max_steps}); nothing to "
+                f"do. To train further, start a new run from its model: gptb train --init_from {output} "
+                "--output_dir NEW_FOLDER --max_steps N"
+            )
+            accelerator.end_training()
+            return {"step": saved["step"], "history": saved["history"], "complete": True}
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(output)
+        if resume_from is None:  # an earlier run's checkpoints, kept only as long as --overwrite_output_dir allowed
+            for old in checkpoints_in(output):
+                discard(old)
+    accelerator.wait_for_everyone()
+    model_preset = load_model_preset(args.preset)
     tokenizer = build_tokenizer(args, train_texts, model_preset, accelerator, output, resume_from is not None)
     train_set = gptb_data.TokenBlockDataset.from_texts(train_texts, tokenizer, args.block_size)
     try:
@@ -287,8 +531,14 @@ def train(args: TrainArgs) -> dict:
         f"{torch.get_num_threads()} CPU thread(s) each"
     )
 
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
-    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=args.batch_size)
+    # Each loader draws its per-iterator seed from its own generator, so the global one feeds dropout alone: a resumed
+    # run, which opens its loader at another step, then draws the same dropout masks as an uninterrupted one.
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        eval_set, batch_size=args.batch_size, generator=torch.Generator().manual_seed(args.seed)
+    )
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "initial_embeds" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "initial_embeds" in n]
     optimizer = torch.optim.AdamW(
@@ -300,6 +550,7 @@ def train(args: TrainArgs) -> dict:
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    accelerator.register_save_state_pre_hook(drop_shared_tensors)
     if args.report_to:
         accelerator.init_trackers("gptb", config={k: v for k, v in asdict(args).items() if k != "overrides"})
 
@@ -307,11 +558,10 @@ def train(args: TrainArgs) -> dict:
     if resume_from is not None:
         try:
             accelerator.load_state(str(resume_from))
-            saved = json.loads((resume_from / STATE_FILE).read_text())
             step, history = int(saved["step"]), saved["history"]
         except Exception as error:  # safetensors, torch.load, json and shape errors alike
             raise TrainingError(
-                f"checkpoint {resume_from} is damaged or does not fit this model: {type(error).__name__}: {error}"
+                f"checkpoint {resume_from} is damaged or does not fit this model: {one_line(error)}"
             ) from error
         log(f"Resumed from {resume_from} at step {step}")
 
@@ -363,11 +613,12 @@ def train(args: TrainArgs) -> dict:
                 history["eval_step"].append(step)
                 history["eval_loss"].append(metrics["eval_loss"])
                 accelerator.log(metrics, step=step)
-                progress.write(
-                    f"step {step}: eval loss {metrics['eval_loss']:.4f}, ppl {metrics['eval_perplexity']:.2f}"
-                )
+                if accelerator.is_main_process:
+                    progress.write(
+                        f"step {step}: eval loss {metrics['eval_loss']:.4f}, ppl {metrics['eval_perplexity']:.2f}"
+                    )
             if step % args.save_steps == 0 or step == args.max_steps:
-                save_checkpoint(accelerator, output, step, history)
+                save_checkpoint(accelerator, output, step, history, record)
             if step >= args.max_steps or step == args.stop_after_step:
                 break
         if step == args.stop_after_step:
@@ -376,13 +627,13 @@ def train(args: TrainArgs) -> dict:
     check_art_synchronised(accelerator, accelerator.unwrap_model(model))
     if step < args.max_steps:  # stopped early on purpose: leave a checkpoint to resume from, and no final model
         if step % args.save_steps:
-            save_checkpoint(accelerator, output, step, history)
+            save_checkpoint(accelerator, output, step, history, record)
         accelerator.print(f"Stopped after step {step} of {args.max_steps}; continue with --resume")
         accelerator.end_training()
         return {"step": step, "history": history}
 
     metrics = evaluate(model, eval_loader, accelerator, args.eval_batches)
-    result = {"step": step, "data": data_source, "history": history, **metrics}
+    result = {"step": step, "data": data_source, "history": history, **metrics, "run_id": run_id(record)}
     is_main = accelerator.is_main_process
     final_model = accelerator.unwrap_model(model)
     # End the process group first: the main process then writes the final folder alone, so nothing it calls can
@@ -423,13 +674,13 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
         top_k=40,
         max_new_tokens=100,
     )
-    staging = output / ".incoming"
+    staging = output / INCOMING
     if staging.exists():
         shutil.rmtree(staging)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     card = render_model_card(
-        model.config,
+        model,
         datasets=[args.dataset] if args.dataset else None,  # Hub dataset ids only; local text is described below
         training={
             "steps": result["step"],
@@ -444,12 +695,8 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
     card.save(staging / "README.md")
     (staging / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
     plot_training(result["history"], staging / "training_curves.png")
-    for item in staging.iterdir():  # swap in, file by file, only now that everything is written
-        target = output / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()
+    crash_point("final-write")
+    publish_model(staging, output)
     print(f"Saved a Hub-ready model to {output} (plot: {output / 'training_curves.png'})")
 
 
@@ -496,6 +743,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--resume", nargs="?", const="latest", help="continue from the latest (or the given) checkpoint"
     )
     parser.add_argument("--overwrite_output_dir", action="store_true")
+    parser.add_argument(
+        "--allow_inexact_resume",
+        action="store_true",
+        help="resume even when the checkpoint's random-number states are missing or unreadable",
+    )
     parser.add_argument("--stop_after_step", type=int, help="stop (as if interrupted) after this step of the schedule")
     parser.add_argument("--report_to", choices=["tensorboard", "wandb", "none"])
     parser.add_argument("--sample_prompt")

@@ -55,6 +55,14 @@ def test_from_gpt2_config_converts_and_overrides():
         (dict(art_loss_weight=-1.0), r"art_loss_weight must be >= 0"),
         (dict(layer_norm_epsilon=0.0), r"layer_norm_epsilon must be > 0"),
         (dict(rebias="yes"), r"rebias must be True or False"),
+        (dict(initializer_range=float("inf")), r"initializer_range must be >= 0 and finite, got inf"),
+        (dict(initializer_range=float("nan")), r"initializer_range must be >= 0 and finite, got nan"),
+        (dict(layer_norm_epsilon=float("inf")), r"layer_norm_epsilon must be > 0 and finite"),
+        (dict(art_loss_weight=float("inf")), r"art_loss_weight must be >= 0 and finite"),
+        (dict(activation_function="nope"), r"activation_function must be one of .*gelu_new.*, got 'nope'"),
+        (dict(art_learn_in_eval="no"), r"art_learn_in_eval must be True or False, got 'no'"),
+        (dict(art_enabled="no"), r"art_enabled must be True or False, got 'no'"),
+        (dict(use_cache=1), r"use_cache must be True or False, got 1"),
     ],
 )
 def test_invalid_values_name_the_field_and_the_range(kwargs, message):

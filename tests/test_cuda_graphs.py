@@ -281,3 +281,19 @@ def test_the_gpu_check_script_parts_run_with_the_stand_in(monkeypatch):
     assert len(checks["graphs_captured"]) == 3  # batch 1, 4 and 2 x 4 beams
     timings = gpu_check.latency(model, twin, torch.device("cpu"), batch=2, rounds=3)
     assert set(timings) == {"eager_ms", "graph_ms"} and min(timings.values()) > 0
+
+
+def test_while_a_graph_is_captured_the_input_checks_assert_on_the_device(monkeypatch):
+    """No host sync under capture: a bad value then fails as a device assert (RuntimeError), not a ValueError."""
+    from modeling_gptb import validation
+
+    model = graph_model(seed=13)
+    state = model(prompts(1, 2)).cache.state.detach()
+    bad_ids = torch.tensor([[61]])  # outside the vocabulary of 61
+    with pytest.raises(ValueError, match="token id 61 is outside the vocabulary"):
+        model(bad_ids, past_hidden_states=state)
+    monkeypatch.setattr(validation, "_capturing_cuda_graph", lambda: True)
+    with pytest.raises(RuntimeError, match="`input_ids` holds values outside"):
+        model(bad_ids, past_hidden_states=state)
+    with torch.no_grad():
+        assert model(prompts(1, 1), past_hidden_states=state).logits.shape == (1, 1, 61)

@@ -35,7 +35,7 @@ TOKENS = torch.tensor([[5, 17, 3, 42, 8, 60, 1], [9, 9, 2, 33, 14, 7, 0]])
 
 def remote_code_files():
     """The files `save_pretrained` must copy: the config and modeling files and every file they reach by
-    `from .name import ...` (the ART memory, the CUDA-graph decoding, ...)."""
+    `from .name import ...` (the input checks, the ART memory, the CUDA-graph decoding, ...)."""
     files, to_read = set(), ["configuration_gptb.py", "modeling_gptb.py"]
     while to_read:
         name = to_read.pop()
