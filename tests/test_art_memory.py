@@ -450,6 +450,9 @@ def test_state_dict_round_trip_in_a_parent_model():
 
 
 def test_api_surface():
+    import modeling_gptb
+
+    assert modeling_gptb.ARTMemory is ARTMemory and "ARTMemory" in modeling_gptb.__all__
     memory = ARTMemory(3, rule="fuzzy", vigilance=0.5, max_categories=4)
     assert memory.beta == 1.0 and ARTMemory(3).beta == 0.5
     assert "rule='fuzzy'" in repr(memory) and "max_categories=4" in repr(memory)

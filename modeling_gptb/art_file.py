@@ -1,0 +1,147 @@
+"""The `art_memory.safetensors` file: safetensors with the hyperparameters, the format version and a checksum in its
+metadata."""
+
+import hashlib
+import json
+import os
+import struct
+import uuid
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from .art_rules import ART_RULES, _check_alpha, _check_int, _check_rule, _check_unit
+
+ART_MEMORY_FILE = "art_memory.safetensors"
+ART_FORMAT = "gptb-art-memory"
+ART_FORMAT_VERSION = 1
+
+
+def _data_section(data: bytes) -> bytes:
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return data[8 + header_len :]
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder, flushed to disk, then renamed over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable (POSIX; not possible on every platform)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def encode_art_file(config: dict, tensors: dict[str, torch.Tensor]) -> bytes:
+    """The bytes of an ART file holding `tensors` (`prototypes`, `counts`) and the hyperparameters in `config`."""
+    metadata = {
+        "format": ART_FORMAT,
+        "format_version": str(ART_FORMAT_VERSION),
+        "rule": config["rule"],
+        "dim": str(config["dim"]),
+        "vigilance": repr(config["vigilance"]),
+        "beta": repr(config["beta"]),
+        "alpha": repr(config["alpha"]),
+        "max_categories": str(config["max_categories"]),
+        "num_categories": str(config["num_categories"]),
+    }
+    # The data section does not depend on the metadata: hash it once without, then store the hash.
+    metadata["sha256"] = hashlib.sha256(_data_section(safetensors_save(tensors))).hexdigest()
+    return safetensors_save(tensors, metadata)
+
+
+_METADATA_FIELDS = {
+    "rule": _check_rule,
+    "dim": lambda v: _check_int("dim", int(v)),
+    "vigilance": lambda v: _check_unit("vigilance", float(v)),
+    "beta": lambda v: _check_unit("beta", float(v)),
+    "alpha": lambda v: _check_alpha(float(v)),
+    "max_categories": lambda v: _check_int("max_categories", int(v)),
+    "num_categories": lambda v: _check_int("num_categories", int(v), minimum=0),
+}
+
+
+def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """
+    Read and check an `art_memory.safetensors` file.
+
+    Returns `(config, tensors)`: `config` holds rule, dim, vigilance, beta, alpha, max_categories and num_categories;
+    `tensors` the `prototypes` (num_categories, stored_dim) and `counts` (num_categories,). Anything damaged,
+    truncated, missing or inconsistent raises `ValueError` naming the file and the problem.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+
+    def problem(message: str) -> ValueError:
+        return ValueError(f"{path}: {message}")
+
+    if len(data) < 8:
+        raise problem(f"not a safetensors file (only {len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if 8 + header_len > len(data):
+        raise problem("truncated, or not a safetensors file: its header runs past the end of the file")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except ValueError:  # includes JSON and UTF-8 decoding errors
+        header = None
+    if not isinstance(header, dict):
+        raise problem("not a safetensors file: unreadable header")
+    try:
+        tensors = safetensors_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise problem(f"damaged or truncated safetensors file ({exc})") from None
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != ART_FORMAT:
+        raise problem(f"not an ARTMemory file: its metadata has no format={ART_FORMAT!r}")
+    if metadata.get("format_version") != str(ART_FORMAT_VERSION):
+        raise problem(
+            f"unsupported format version {metadata.get('format_version')!r} (this code reads version "
+            f"{ART_FORMAT_VERSION}); upgrade the code that reads it"
+        )
+    missing = [key for key in (*_METADATA_FIELDS, "sha256") if key not in metadata]
+    if missing:
+        raise problem(f"metadata lacks {missing}")
+    config = {}
+    for key, parse in _METADATA_FIELDS.items():
+        try:
+            config[key] = parse(metadata[key])
+        except ValueError as exc:
+            raise problem(f"bad metadata {key}={metadata[key]!r}: {exc}") from None
+    if hashlib.sha256(_data_section(data)).hexdigest() != metadata["sha256"]:
+        raise problem("checksum mismatch: the tensor data is damaged")
+
+    if sorted(tensors) != ["counts", "prototypes"]:
+        raise problem(f"expected tensors 'prototypes' and 'counts', found {sorted(tensors)}")
+    prototypes, counts = tensors["prototypes"], tensors["counts"]
+    k = config["num_categories"]
+    expected = (k, ART_RULES[config["rule"]]().stored_dim(config["dim"]))
+    if not prototypes.is_floating_point() or tuple(prototypes.shape) != expected:
+        raise problem(
+            f"prototypes are {prototypes.dtype} of shape {tuple(prototypes.shape)}; expected floats of shape "
+            f"{expected} for {k} categories, rule {config['rule']!r} and dim {config['dim']}"
+        )
+    if counts.dtype != torch.long or tuple(counts.shape) != (k,):
+        raise problem(f"counts are {counts.dtype} of shape {tuple(counts.shape)}; expected int64 of shape ({k},)")
+    if k > config["max_categories"]:
+        raise problem(f"{k} categories exceed max_categories={config['max_categories']}")
+    if k and (counts.min() < 1 or not torch.isfinite(prototypes).all()):
+        raise problem("categories with a count below 1 or non-finite prototypes")
+    if k and config["rule"] == "fuzzy" and (prototypes.min() < 0 or prototypes.max() > 1):
+        raise problem("fuzzy prototypes outside [0, 1]")
+    return config, tensors
