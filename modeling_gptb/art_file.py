@@ -1,5 +1,7 @@
-"""The `art_memory.safetensors` file: safetensors with the hyperparameters, the format version and a checksum in its
-metadata."""
+"""
+The `art_memory.safetensors` file: safetensors with tensors `prototypes` and `counts`, and in its metadata the
+hyperparameters, the format version and a checksum (`sha256`) over all of the metadata and the tensor data.
+"""
 
 import hashlib
 import json
@@ -15,7 +17,7 @@ from .art_rules import ART_RULES, _check_alpha, _check_int, _check_rule, _check_
 
 ART_MEMORY_FILE = "art_memory.safetensors"
 ART_FORMAT = "gptb-art-memory"
-ART_FORMAT_VERSION = 1
+ART_FORMAT_VERSION = 2
 
 
 def _data_section(data: bytes) -> bytes:
@@ -60,9 +62,16 @@ def encode_art_file(config: dict, tensors: dict[str, torch.Tensor]) -> bytes:
         "max_categories": str(config["max_categories"]),
         "num_categories": str(config["num_categories"]),
     }
-    # The data section does not depend on the metadata: hash it once without, then store the hash.
-    metadata["sha256"] = hashlib.sha256(_data_section(safetensors_save(tensors))).hexdigest()
+    # The data section does not depend on the metadata: lay it out once without, then store the checksum.
+    metadata["sha256"] = _checksum(metadata, _data_section(safetensors_save(tensors)))
     return safetensors_save(tensors, metadata)
+
+
+def _checksum(metadata: dict, data_section: bytes) -> str:
+    """sha256 of every metadata field but the checksum itself (as sorted, compact JSON), then the tensor data."""
+    fields = {key: value for key, value in metadata.items() if key != "sha256"}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return hashlib.sha256(canonical + data_section).hexdigest()
 
 
 _METADATA_FIELDS = {
@@ -109,22 +118,28 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or metadata.get("format") != ART_FORMAT:
         raise problem(f"not an ARTMemory file: its metadata has no format={ART_FORMAT!r}")
-    if metadata.get("format_version") != str(ART_FORMAT_VERSION):
+    version = metadata.get("format_version")
+    if version == "1":
         raise problem(
-            f"unsupported format version {metadata.get('format_version')!r} (this code reads version "
-            f"{ART_FORMAT_VERSION}); upgrade the code that reads it"
+            "format version 1, whose checksum does not cover the hyperparameters, so they cannot be verified; "
+            f"this code reads version {ART_FORMAT_VERSION} only"
+        )
+    if version != str(ART_FORMAT_VERSION):
+        raise problem(
+            f"unsupported format version {version!r} (this code reads version {ART_FORMAT_VERSION}); upgrade the "
+            "code that reads it"
         )
     missing = [key for key in (*_METADATA_FIELDS, "sha256") if key not in metadata]
     if missing:
         raise problem(f"metadata lacks {missing}")
+    if _checksum(metadata, _data_section(data)) != metadata["sha256"]:
+        raise problem("checksum mismatch: the metadata or the tensor data is damaged")
     config = {}
     for key, parse in _METADATA_FIELDS.items():
         try:
             config[key] = parse(metadata[key])
         except ValueError as exc:
             raise problem(f"bad metadata {key}={metadata[key]!r}: {exc}") from None
-    if hashlib.sha256(_data_section(data)).hexdigest() != metadata["sha256"]:
-        raise problem("checksum mismatch: the tensor data is damaged")
 
     if sorted(tensors) != ["counts", "prototypes"]:
         raise problem(f"expected tensors 'prototypes' and 'counts', found {sorted(tensors)}")

@@ -1,7 +1,6 @@
 """ARTMemory against DESIGN.md §3, written here as a plain loop: one row at a time, a Python list of float64
 prototypes. The memory must give the loop's categories and statuses exactly, and its prototypes up to rounding."""
 
-import hashlib
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
+from test_art_reliability import checksum
 from torch import nn
 
 from modeling_gptb import art_memory
@@ -645,13 +645,12 @@ def rewrite(path, tensors=None, **metadata_changes):
     with open(path, "rb") as f:
         data = f.read()
     metadata = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]
-    body = safetensors_save(tensors)
-    metadata["sha256"] = hashlib.sha256(body[8 + struct.unpack("<Q", body[:8])[0] :]).hexdigest()
     for key, value in metadata_changes.items():
         if value is None:
             metadata.pop(key)
         else:
             metadata[key] = value
+    metadata["sha256"] = checksum(metadata, tensors)
     with open(path, "wb") as f:
         f.write(safetensors_save(tensors, metadata))
 
@@ -694,7 +693,7 @@ def damage_cases():
         "bit flip": (flip_a_bit, "checksum mismatch"),
         "not safetensors": (not_safetensors, "not a safetensors file"),
         "too short": (tiny, r"not a safetensors file \(only 3 bytes\)"),
-        "version": (lambda p: rewrite(p, format_version="2"), "unsupported format version '2'"),
+        "version": (lambda p: rewrite(p, format_version="3"), "unsupported format version '3'"),
         "format": (lambda p: rewrite(p, format="something-else"), "not an ARTMemory file"),
         "missing key": (lambda p: rewrite(p, vigilance=None), r"metadata lacks \['vigilance'\]"),
         "bad value": (lambda p: rewrite(p, beta="1.5"), r"bad metadata beta='1.5'"),
