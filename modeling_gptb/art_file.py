@@ -91,7 +91,8 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
 
     Returns `(config, tensors)`: `config` holds rule, dim, vigilance, beta, alpha, max_categories and num_categories;
     `tensors` the `prototypes` (num_categories, stored_dim) and `counts` (num_categories,). Anything damaged,
-    truncated, missing or inconsistent raises `ValueError` naming the file and the problem.
+    truncated, missing or inconsistent raises `ValueError` naming the file and the problem. Only the file's own
+    tensors are allocated, whatever sizes its metadata claims.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
@@ -107,7 +108,7 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         raise problem("truncated, or not a safetensors file: its header runs past the end of the file")
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except ValueError:  # includes JSON and UTF-8 decoding errors
+    except (ValueError, RecursionError):  # JSON and UTF-8 decoding errors; nesting deeper than Python's stack
         header = None
     if not isinstance(header, dict):
         raise problem("not a safetensors file: unreadable header")

@@ -44,6 +44,9 @@ from .art_rules import (
     to_unit_interval,
 )
 
+# What `ARTMemory.from_pretrained` may allocate for a file's buffers unless the caller allows more (1 GiB).
+ART_MAX_BUFFER_BYTES = 2**30
+
 
 def _exact_arithmetic(method):
     """Run without autograd and outside autocast: under bf16 mixed precision the scores must stay float64."""
@@ -448,13 +451,16 @@ class ARTMemory(nn.Module):
         proxies: dict | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        max_buffer_bytes: int = ART_MAX_BUFFER_BYTES,
     ) -> "ARTMemory":
         """
         Load a memory saved with `save_pretrained`, bit-exactly: from a folder, an `art_memory.safetensors` file or a
         Hub repo id (through the HuggingFace cache; the hub arguments are `transformers.utils.cached_file`'s).
 
         The stored prototype dtype is kept unless `dtype` is given. Damaged, truncated or inconsistent files raise
-        `ValueError` naming the file and the problem.
+        `ValueError` naming the file and the problem, and so does a file whose `max_categories` and `dim` would make
+        the memory's buffers larger than `max_buffer_bytes` (default `ART_MAX_BUFFER_BYTES`, 1 GiB; raise it to load
+        a larger memory), before anything is allocated.
         """
         source = os.fspath(pretrained_model_name_or_path)
         if os.path.isfile(source):
@@ -475,14 +481,29 @@ class ARTMemory(nn.Module):
                 revision=revision,
                 proxies=proxies,
             )
-        return cls.from_file(path, device=device, dtype=dtype)
+        return cls.from_file(path, device=device, dtype=dtype, max_buffer_bytes=max_buffer_bytes)
 
     @classmethod
     def from_file(
-        cls, path: str | os.PathLike, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        max_buffer_bytes: int = ART_MAX_BUFFER_BYTES,
     ) -> "ARTMemory":
-        """A new memory with the hyperparameters and state stored in an `art_memory.safetensors` file."""
+        """A new memory with the hyperparameters and state stored in an `art_memory.safetensors` file (see
+        `from_pretrained` for `max_buffer_bytes`)."""
         config, tensors = load_art_file(path)
+        dtype = dtype or tensors["prototypes"].dtype
+        stored_dim = ART_RULES[config["rule"]]().stored_dim(config["dim"])
+        needed = config["max_categories"] * (stored_dim * dtype.itemsize + torch.long.itemsize)
+        if needed > max_buffer_bytes:
+            raise ValueError(
+                f"{os.fspath(path)}: max_categories={config['max_categories']} and dim={config['dim']} need "
+                f"{needed:,} bytes of buffers, above max_buffer_bytes={max_buffer_bytes:,}; pass a larger "
+                "max_buffer_bytes to load this memory"
+            )
         memory = cls(
             config["dim"],
             rule=config["rule"],
@@ -491,7 +512,7 @@ class ARTMemory(nn.Module):
             alpha=config["alpha"],
             max_categories=config["max_categories"],
             device=device,
-            dtype=dtype or tensors["prototypes"].dtype,
+            dtype=dtype,
         )
         memory._set_state(tensors)
         return memory
@@ -537,6 +558,7 @@ class ARTMemory(nn.Module):
 __all__ = [
     "ART_FORMAT",
     "ART_FORMAT_VERSION",
+    "ART_MAX_BUFFER_BYTES",
     "ART_MEMORY_FILE",
     "ART_RULES",
     "ARTMemory",

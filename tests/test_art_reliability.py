@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_save
 
-from modeling_gptb.art_memory import ARTMemory, load_art_file
+from modeling_gptb.art_memory import ART_MEMORY_FILE, ARTMemory, load_art_file
 
 
 def header_of(data: bytes) -> dict:
@@ -77,3 +77,39 @@ def test_a_version_1_file_whose_checksum_skips_the_metadata_is_refused(tmp_path)
     open(path, "wb").write(safetensors_save(tensors, metadata))
     with pytest.raises(ValueError, match="format version 1, whose checksum does not cover the hyperparameters"):
         ARTMemory.from_pretrained(path)
+
+
+# -- item 5: what a load allocates follows from the file, or is refused before anything is allocated
+
+
+def test_a_small_file_claiming_a_huge_memory_is_refused_before_allocating(tmp_path):
+    """The reported file: 400 bytes whose metadata says dim=1024, max_categories=1048576 (8.5 GB of buffers)."""
+    path = tmp_path / ART_MEMORY_FILE
+    empty = {"prototypes": torch.zeros(0, 2048), "counts": torch.zeros(0, dtype=torch.long)}
+    hyper = {"rule": "fuzzy", "vigilance": "0.75", "beta": "1.0", "alpha": "0.001", "num_categories": "0"}
+    path.write_bytes(art_file(empty, dim="1024", max_categories="1048576", **hyper))
+    assert path.stat().st_size < 1000
+    with pytest.raises(ValueError, match=r"need 8,598,323,200 bytes of buffers, above max_buffer_bytes=1,073,741,824"):
+        ARTMemory.from_pretrained(path)
+    # Sizes the allocator itself would refuse give the same clear error.
+    path.write_bytes(
+        art_file({**empty, "prototypes": torch.zeros(0, 2**41)}, dim=str(2**40), max_categories="8", **hyper)
+    )
+    with pytest.raises(ValueError, match="above max_buffer_bytes"):
+        ARTMemory.from_pretrained(path)
+
+
+def test_the_caller_can_raise_the_bound(tmp_path):
+    memory, path = saved(tmp_path)  # 16 categories of 5 float32 features, plus 16 int64 counts: 448 bytes
+    with pytest.raises(ValueError, match="need 448 bytes of buffers, above max_buffer_bytes=447; pass a larger"):
+        ARTMemory.from_pretrained(tmp_path, max_buffer_bytes=447)
+    assert torch.equal(ARTMemory.from_pretrained(tmp_path, max_buffer_bytes=448).weight, memory.weight)
+
+
+def test_a_deeply_nested_header_gives_value_error_not_recursion_error(tmp_path):
+    path = tmp_path / ART_MEMORY_FILE
+    header = b'{"__metadata__":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    for load in (ARTMemory.from_pretrained, load_art_file):
+        with pytest.raises(ValueError, match="not a safetensors file: unreadable header"):
+            load(path)
