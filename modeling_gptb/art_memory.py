@@ -228,7 +228,10 @@ class ARTMemory(nn.Module):
         return {"vigilance": self.vigilance, "beta": self.beta, "alpha": self.alpha}
 
     def _check_x(self, x) -> torch.Tensor:
-        """Validate inputs before anything changes; return them as (N, dim) in the score dtype on our device."""
+        """Validate inputs before anything changes; return them as (N, dim) in the score dtype on our device.
+
+        Rows with NaN or Inf, or with values the prototypes' dtype cannot hold, are refused: a learned row would store
+        them, and a memory holding Inf is one no file can carry."""
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
         if x.dtype == torch.bool or x.is_complex():
@@ -249,6 +252,13 @@ class ARTMemory(nn.Module):
                 if not finite.all():
                     bad = (~finite).nonzero()[0].item()
                     raise ValueError(f"ARTMemory inputs must be finite, row {bad} holds NaN or Inf")
+            dtype = self.weight.dtype
+            if not torch.isfinite(x.abs().amax().to(dtype)):  # a value the prototypes' dtype rounds to infinity
+                bad = (~torch.isfinite(x.to(dtype)).all(-1)).nonzero()[0].item()
+                raise ValueError(
+                    f"ARTMemory inputs must fit the prototypes' dtype {dtype} (magnitudes up to "
+                    f"{torch.finfo(dtype).max:g}), row {bad} does not"
+                )
             self._rule.check_input(x)
         return x
 

@@ -113,3 +113,34 @@ def test_a_deeply_nested_header_gives_value_error_not_recursion_error(tmp_path):
     for load in (ARTMemory.from_pretrained, load_art_file):
         with pytest.raises(ValueError, match="not a safetensors file: unreadable header"):
             load(path)
+
+
+# -- item 9: rows that do not fit the prototypes' dtype are refused like NaN rows
+
+
+@pytest.mark.parametrize(
+    "dtype, value, rows",
+    [
+        (torch.float32, 1e39, torch.float64),  # the report: float32 buffers stored inf
+        (torch.float16, 1e5, torch.float32),  # the same with a float16 memory
+        (torch.bfloat16, 1e39, torch.float64),
+    ],
+)
+@pytest.mark.parametrize("method", ["update", "classify"])
+def test_rows_that_overflow_the_prototypes_are_refused_with_the_memory_unchanged(tmp_path, dtype, value, rows, method):
+    memory = ARTMemory(4, max_categories=8, dtype=dtype)
+    memory.update(torch.randn(3, 4))
+    before = [tensor.clone() for tensor in (memory.weight, memory.category_counts, memory.num_committed)]
+    x = torch.randn(3, 4, dtype=rows)
+    x[1] = value
+    with pytest.raises(ValueError, match=rf"inputs must fit the prototypes' dtype {dtype} .* row 1 does not"):
+        getattr(memory, method)(x)
+    after = (memory.weight, memory.category_counts, memory.num_committed)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert torch.isfinite(memory.weight).all()
+    # what does fit is learned, and the file saved afterwards loads
+    x[1] = torch.finfo(dtype).max / 2
+    memory.update(x)
+    assert torch.isfinite(memory.weight).all()
+    memory.save_pretrained(tmp_path)
+    assert ARTMemory.from_pretrained(tmp_path).num_categories == memory.num_categories
