@@ -127,13 +127,18 @@ class ARTMemory(nn.Module):
             plain average of prototype and input; 1.0 for `fuzzy`, fast learning).
         alpha (`float`, defaults to 1e-3): Fuzzy ART's choice parameter (> 0); unused by `cosine`.
         max_categories (`int`, defaults to 1024): capacity. Full memories reject, never overwrite.
-        device, dtype: of the prototype buffer (dtype defaults to torch's default float dtype).
+        device, dtype: of the prototype buffer. `dtype` defaults to float64 where that is torch's default float dtype,
+            else float32: a model built under a bf16 or fp16 default (`from_pretrained(..., dtype=torch.bfloat16)`)
+            still gets float32 prototypes.
 
     The state is three fixed-capacity buffers, so it lives in a parent model's `state_dict` and comes back with
     `load_state_dict` (how `Trainer` resumes): `weight` (max_categories, stored_dim) with the prototypes in its first
     `num_committed` rows, `category_counts` (max_categories,) and `num_committed` (a 0-d long tensor). `stored_dim` is
-    `dim` for `cosine` and `2 * dim` for `fuzzy` (complement coding). The memory follows `.to(device / dtype)`; scores
-    are computed in float64 whatever the buffer dtype.
+    `dim` for `cosine` and `2 * dim` for `fuzzy` (complement coding). The memory follows `.to(device)`, but keeps its
+    prototypes' dtype through `.to(dtype)`, `.half()`, `.bfloat16()` and the like, on it or on a parent model (as
+    transformers keeps `_keep_in_fp32_modules` in float32): casting a model to bf16 does not round what the memory has
+    learned. Choose the dtype when building the memory (or with `from_pretrained(..., dtype=...)`). Scores are
+    computed in float64 whatever the buffer dtype.
     """
 
     def __init__(
@@ -155,13 +160,27 @@ class ARTMemory(nn.Module):
         self.vigilance = vigilance
         self.beta = self._rule.default_beta if beta is None else beta
         self.alpha = alpha
-        if dtype is not None and not dtype.is_floating_point:
+        if dtype is None:
+            dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
         shape = (self.max_categories, self._rule.stored_dim(self.dim))
         self.register_buffer("weight", torch.zeros(shape, device=device, dtype=dtype))
         self.register_buffer("category_counts", torch.zeros(self.max_categories, device=device, dtype=torch.long))
         self.register_buffer("num_committed", torch.zeros((), device=device, dtype=torch.long))
         self._warned_full = False
+
+    def _apply(self, fn, recurse=True):
+        """Apply `fn` (a move or cast from `.to()`, `.cuda()`, `.half()`, `to_empty()`, ...) to the buffers, without
+        changing the prototypes' dtype: a cast becomes a move to the device `fn` targets."""
+
+        def keep_dtype(tensor):
+            target = fn(tensor.new_empty(0))  # where and in what dtype `fn` puts a tensor, without copying this one
+            if target.dtype == tensor.dtype:
+                return fn(tensor)
+            return tensor.to(device=target.device)
+
+        return super()._apply(keep_dtype, recurse)
 
     # Hyperparameters are checked whenever they are set.
     @property

@@ -427,7 +427,7 @@ def test_bfloat16_memory_keeps_the_decisions_and_scores_in_float64():
     rows = clustered(6, 200, 32, 8, 0.1)
     reference = ReferenceART("cosine", 0.9)
     expected = reference.update(rows)
-    memory = ARTMemory(32, vigilance=0.9).to(torch.bfloat16)
+    memory = ARTMemory(32, vigilance=0.9, dtype=torch.bfloat16)
     assert memory.weight.dtype == torch.bfloat16 and memory.category_counts.dtype == torch.long
     output = memory.update(rows.to(torch.bfloat16))
     assert output.category.tolist() == expected["category"] and output.status.tolist() == expected["status"]

@@ -144,3 +144,45 @@ def test_rows_that_overflow_the_prototypes_are_refused_with_the_memory_unchanged
     assert torch.isfinite(memory.weight).all()
     memory.save_pretrained(tmp_path)
     assert ARTMemory.from_pretrained(tmp_path).num_categories == memory.num_categories
+
+
+# -- item 11: the memory keeps its own dtype whatever the model's
+
+
+@pytest.mark.parametrize("memory_dtype", [torch.float32, torch.float64])
+def test_casting_a_parent_module_keeps_the_prototypes_dtype_and_bits(memory_dtype):
+    parent = torch.nn.ModuleDict({"head": torch.nn.Linear(4, 4), "art": ARTMemory(4, dtype=memory_dtype)})
+    parent["art"].update(torch.randn(20, 4, dtype=torch.float64) * 1e-3)  # values bf16 would round
+    learned = parent["art"].weight.clone()
+    for cast in (
+        lambda m: m.to(torch.bfloat16),
+        lambda m: m.half(),
+        lambda m: m.float(),
+        lambda m: m.double(),
+        lambda m: m.to("cpu", torch.float16),
+    ):
+        cast(parent)
+        assert parent["art"].weight.dtype == memory_dtype and torch.equal(parent["art"].weight, learned)
+        assert parent["art"].category_counts.dtype == torch.long
+    assert parent["head"].weight.dtype == torch.float16  # the rest of the model did follow
+    assert ARTMemory(4).to(torch.bfloat16).weight.dtype == torch.float32
+
+
+def test_a_bf16_gptb_model_keeps_and_saves_float32_prototypes(tmp_path):
+    from conftest import tiny_model
+
+    from modeling_gptb import GPTBLMHeadModel
+
+    model = tiny_model(art_enabled=True).train()
+    model(torch.randint(0, 50, (6, 5)))
+    learned = model.art_memory.prototypes.clone()
+    assert learned.dtype == torch.float32 and len(learned)
+    model.to(torch.bfloat16)
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    assert model.art_memory.weight.dtype == torch.float32 and torch.equal(model.art_memory.prototypes, learned)
+    model.save_pretrained(tmp_path)
+    _, tensors = load_art_file(tmp_path / ART_MEMORY_FILE)
+    assert tensors["prototypes"].dtype == torch.float32 and torch.equal(tensors["prototypes"], learned)
+    for dtype in (torch.bfloat16, torch.float32):
+        loaded = GPTBLMHeadModel.from_pretrained(tmp_path, dtype=dtype)
+        assert loaded.art_memory.weight.dtype == torch.float32 and torch.equal(loaded.art_memory.prototypes, learned)
