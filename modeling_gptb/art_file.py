@@ -1,6 +1,7 @@
 """
 The `art_memory.safetensors` file: safetensors with tensors `prototypes` and `counts`, and in its metadata the
-hyperparameters, the format version and a checksum (`sha256`) over all of the metadata and the tensor data.
+hyperparameters, the format version, optionally the sha256 of each weights file saved with the memory
+(`weights_sha256`), and a checksum (`sha256`) over all of the metadata and the tensor data.
 """
 
 import hashlib
@@ -49,8 +50,11 @@ def _atomic_write(path: str, data: bytes) -> None:
         pass
 
 
-def encode_art_file(config: dict, tensors: dict[str, torch.Tensor]) -> bytes:
-    """The bytes of an ART file holding `tensors` (`prototypes`, `counts`) and the hyperparameters in `config`."""
+def encode_art_file(config: dict, tensors: dict[str, torch.Tensor], weights_sha256: dict | None = None) -> bytes:
+    """
+    The bytes of an ART file holding `tensors` (`prototypes`, `counts`) and the hyperparameters in `config`;
+    `weights_sha256` (file name -> sha256) names the weights files the memory was saved with, if any.
+    """
     metadata = {
         "format": ART_FORMAT,
         "format_version": str(ART_FORMAT_VERSION),
@@ -62,6 +66,8 @@ def encode_art_file(config: dict, tensors: dict[str, torch.Tensor]) -> bytes:
         "max_categories": str(config["max_categories"]),
         "num_categories": str(config["num_categories"]),
     }
+    if weights_sha256:
+        metadata["weights_sha256"] = json.dumps(weights_sha256, sort_keys=True)
     # The data section does not depend on the metadata: lay it out once without, then store the checksum.
     metadata["sha256"] = _checksum(metadata, _data_section(safetensors_save(tensors)))
     return safetensors_save(tensors, metadata)
@@ -74,6 +80,13 @@ def _checksum(metadata: dict, data_section: bytes) -> str:
     return hashlib.sha256(canonical + data_section).hexdigest()
 
 
+def _parse_weights_sha256(value: str) -> dict[str, str]:
+    names = json.loads(value)
+    if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+        raise ValueError("expected a JSON object of file name -> sha256")
+    return names
+
+
 _METADATA_FIELDS = {
     "rule": _check_rule,
     "dim": lambda v: _check_int("dim", int(v)),
@@ -83,16 +96,17 @@ _METADATA_FIELDS = {
     "max_categories": lambda v: _check_int("max_categories", int(v)),
     "num_categories": lambda v: _check_int("num_categories", int(v), minimum=0),
 }
+_OPTIONAL_FIELDS = {"weights_sha256": _parse_weights_sha256}
 
 
 def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """
     Read and check an `art_memory.safetensors` file.
 
-    Returns `(config, tensors)`: `config` holds rule, dim, vigilance, beta, alpha, max_categories and num_categories;
-    `tensors` the `prototypes` (num_categories, stored_dim) and `counts` (num_categories,). Anything damaged,
-    truncated, missing or inconsistent raises `ValueError` naming the file and the problem. Only the file's own
-    tensors are allocated, whatever sizes its metadata claims.
+    Returns `(config, tensors)`: `config` holds rule, dim, vigilance, beta, alpha, max_categories, num_categories and
+    weights_sha256 (None when the file names no weights); `tensors` the `prototypes` (num_categories, stored_dim)
+    and `counts` (num_categories,). Anything damaged, truncated, missing or inconsistent raises `ValueError` naming
+    the file and the problem. Only the file's own tensors are allocated, whatever sizes its metadata claims.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
@@ -135,8 +149,10 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         raise problem(f"metadata lacks {missing}")
     if _checksum(metadata, _data_section(data)) != metadata["sha256"]:
         raise problem("checksum mismatch: the metadata or the tensor data is damaged")
-    config = {}
-    for key, parse in _METADATA_FIELDS.items():
+    config = dict.fromkeys(_OPTIONAL_FIELDS)
+    for key, parse in (*_METADATA_FIELDS.items(), *_OPTIONAL_FIELDS.items()):
+        if key not in metadata:
+            continue
         try:
             config[key] = parse(metadata[key])
         except ValueError as exc:
@@ -161,3 +177,48 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     if k and config["rule"] == "fuzzy" and (prototypes.min() < 0 or prototypes.max() > 1):
         raise problem("fuzzy prototypes outside [0, 1]")
     return config, tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The weights an ART file belongs to: a model saves its weights, then its memory; a kill in between must not leave a
+# pair that loads as one model.
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def saved_weights_sha256(folder: str | os.PathLike, variant: str | None = None) -> dict[str, str]:
+    """sha256 of each weights file a load of `folder` reads, picked as transformers picks them: `model.safetensors`,
+    else the shards its `model.safetensors.index.json` names (with `variant` in the names, as transformers puts it)."""
+
+    def name(base: str) -> str:
+        return base.replace(".safetensors", f".{variant}.safetensors") if variant else base
+
+    files = [name("model.safetensors")]
+    if not os.path.isfile(os.path.join(folder, files[0])):
+        index = os.path.join(folder, name("model.safetensors.index.json"))
+        if not os.path.isfile(index):
+            return {}
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    return {file: file_sha256(os.path.join(folder, file)) for file in files}
+
+
+def check_weights_sha256(art_path: str, weights_sha256: dict[str, str] | None, locate) -> None:
+    """Raise `ValueError` unless each weights file the ART file at `art_path` names is there (`locate(name)` gives
+    its path, or None) with the recorded sha256."""
+    for name, expected in (weights_sha256 or {}).items():
+        path = locate(name)
+        if path is None:
+            raise ValueError(f"{art_path} was saved with {name}, which is missing beside it")
+        if file_sha256(path) != expected:
+            raise ValueError(
+                f"{art_path} belongs to other weights than {path} (sha256 {expected[:12]}... recorded, "
+                f"{file_sha256(path)[:12]}... found): a save was interrupted between the two files, or one was "
+                "replaced; save the model again"
+            )

@@ -31,7 +31,15 @@ from torch import nn
 from transformers.utils import cached_file
 
 from .art_engine import _score_dtype
-from .art_file import ART_FORMAT, ART_FORMAT_VERSION, ART_MEMORY_FILE, _atomic_write, encode_art_file, load_art_file
+from .art_file import (
+    ART_FORMAT,
+    ART_FORMAT_VERSION,
+    ART_MEMORY_FILE,
+    _atomic_write,
+    check_weights_sha256,
+    encode_art_file,
+    load_art_file,
+)
 from .art_rules import (
     ART_RULES,
     ARTRule,
@@ -433,12 +441,18 @@ class ARTMemory(nn.Module):
     # -----------------------------------------------------------------------------------------------------------------
     # Persistence
 
-    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool | None = None) -> str | None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool | None = None,
+        weights_sha256: dict[str, str] | None = None,
+    ) -> str | None:
         """
         Write `art_memory.safetensors` into `save_directory` (atomically: a reader sees the old file or the new one).
 
         Only the main process writes: `is_main_process=None` means rank 0 under `torch.distributed`, else True.
-        Returns the file's path, or None where nothing was written.
+        `weights_sha256` (file name -> sha256) records the model weights saved with the memory, which `load_file`
+        can then check. Returns the file's path, or None where nothing was written.
         """
         if is_main_process is None:
             is_main_process = not _distributed() or dist.get_rank() == 0
@@ -446,10 +460,10 @@ class ARTMemory(nn.Module):
             return None
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, ART_MEMORY_FILE)
-        _atomic_write(path, self._to_bytes())
+        _atomic_write(path, self._to_bytes(weights_sha256))
         return path
 
-    def _to_bytes(self) -> bytes:
+    def _to_bytes(self, weights_sha256: dict[str, str] | None = None) -> bytes:
         k = self.num_categories
         tensors = {
             "prototypes": self.weight[:k].detach().cpu().contiguous(),
@@ -464,7 +478,7 @@ class ARTMemory(nn.Module):
             "max_categories": self.max_categories,
             "num_categories": k,
         }
-        return encode_art_file(config, tensors)
+        return encode_art_file(config, tensors, weights_sha256)
 
     @classmethod
     def from_pretrained(
@@ -546,14 +560,18 @@ class ARTMemory(nn.Module):
         memory._set_state(tensors)
         return memory
 
-    def load_file(self, path: str | os.PathLike) -> "ARTMemory":
+    def load_file(self, path: str | os.PathLike, locate_weights=None) -> "ARTMemory":
         """
         Replace this memory's state with the one stored in `path`.
 
         The file must be intact and match this memory's rule, dim, vigilance, beta and alpha, and its categories must
-        fit in `max_categories` (which may differ); otherwise `ValueError` and the memory is unchanged.
+        fit in `max_categories` (which may differ); otherwise `ValueError` and the memory is unchanged. With
+        `locate_weights` (a weights file name -> its path, or None), the weights files the ART file was saved with
+        must be there unchanged (see `save_pretrained`'s `weights_sha256`).
         """
         config, tensors = load_art_file(path)
+        if locate_weights is not None:
+            check_weights_sha256(os.fspath(path), config["weights_sha256"], locate_weights)
         mismatched = [
             f"{key} is {config[key]!r} in the file but {mine!r} here"
             for key, mine in (

@@ -186,3 +186,90 @@ def test_a_bf16_gptb_model_keeps_and_saves_float32_prototypes(tmp_path):
     for dtype in (torch.bfloat16, torch.float32):
         loaded = GPTBLMHeadModel.from_pretrained(tmp_path, dtype=dtype)
         assert loaded.art_memory.weight.dtype == torch.float32 and torch.equal(loaded.art_memory.prototypes, learned)
+
+
+# -- item 2: a save killed between model.safetensors and art_memory.safetensors does not load as one model
+
+SAVE_THEN_PAUSE = """
+import sys, time, torch
+sys.path.insert(0, sys.argv[2])
+from conftest import tiny_model
+from modeling_gptb.art_memory import ARTMemory
+
+model = tiny_model(seed=1, art_enabled=True).train()
+model(torch.randint(0, 50, (6, 5), generator=torch.Generator().manual_seed(1)))
+
+def pause_before_the_art_file(self, *args, **kwargs):  # the parent SIGKILLs the process here
+    print("weights written", flush=True)
+    time.sleep(600)
+
+ARTMemory.save_pretrained = pause_before_the_art_file
+model.save_pretrained(sys.argv[1])
+"""
+
+
+def trained_gptb(seed=0):
+    from conftest import tiny_model
+
+    model = tiny_model(seed=seed, art_enabled=True).train()
+    model(torch.randint(0, 50, (6, 5), generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
+def test_a_save_killed_between_the_weights_and_the_art_file_does_not_load(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from modeling_gptb import GPTBLMHeadModel
+
+    folder = tmp_path / "model"
+    old = trained_gptb()
+    old.save_pretrained(folder)
+    old_weights, old_art = ((folder / name).read_bytes() for name in ("model.safetensors", ART_MEMORY_FILE))
+    assert GPTBLMHeadModel.from_pretrained(folder).art_memory.num_categories == old.art_memory.num_categories
+
+    script = tmp_path / "save_then_pause.py"
+    script.write_text(SAVE_THEN_PAUSE)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(folder), tests_dir],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "weights written", line + proc.stderr.read()
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    # the mixed folder: the new weights beside the old memory
+    assert (folder / "model.safetensors").read_bytes() != old_weights
+    assert (folder / ART_MEMORY_FILE).read_bytes() == old_art
+    with pytest.raises(ValueError) as error:
+        GPTBLMHeadModel.from_pretrained(folder)
+    message = str(error.value)
+    assert str(folder / ART_MEMORY_FILE) in message and str(folder / "model.safetensors") in message
+    assert "belongs to other weights" in message
+
+    # A whole save afterwards loads again, as one model.
+    new = trained_gptb(seed=1)
+    new.save_pretrained(folder)
+    loaded = GPTBLMHeadModel.from_pretrained(folder)
+    assert torch.equal(loaded.art_memory.prototypes, new.art_memory.prototypes)
+
+
+def test_the_art_file_names_the_weights_it_was_saved_with(tmp_path):
+    import hashlib
+
+    model = trained_gptb()
+    model.save_pretrained(tmp_path)
+    config, _ = load_art_file(tmp_path / ART_MEMORY_FILE)
+    digest = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert config["weights_sha256"] == {"model.safetensors": digest}
+    # a memory saved on its own names no weights, and loads anywhere
+    assert load_art_file(model.art_memory.save_pretrained(tmp_path / "alone"))[0]["weights_sha256"] is None
