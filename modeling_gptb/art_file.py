@@ -1,7 +1,7 @@
 """
-The `art_memory.safetensors` file: safetensors with tensors `prototypes` and `counts`, and in its metadata the
-hyperparameters, the format version, optionally the sha256 of each weights file saved with the memory
-(`weights_sha256`), and a checksum (`sha256`) over all of the metadata and the tensor data.
+The `art_memory.safetensors` file: safetensors with tensors `prototypes`, `counts` and `novelty_histogram`, and in
+its metadata the hyperparameters, the format version, optionally the sha256 of each weights file saved with the
+memory (`weights_sha256`), and a checksum (`sha256`) over all of the metadata and the tensor data.
 """
 
 import hashlib
@@ -19,6 +19,8 @@ from .art_rules import ART_RULES, _check_alpha, _check_int, _check_rule, _check_
 ART_MEMORY_FILE = "art_memory.safetensors"
 ART_FORMAT = "gptb-art-memory"
 ART_FORMAT_VERSION = 2
+# The novelty of every row a memory learned from, counted in NOVELTY_BINS equal bins over [0, NOVELTY_RANGE].
+NOVELTY_BINS, NOVELTY_RANGE = 2000, 2.0
 
 
 def _data_section(data: bytes) -> bytes:
@@ -104,9 +106,10 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     Read and check an `art_memory.safetensors` file.
 
     Returns `(config, tensors)`: `config` holds rule, dim, vigilance, beta, alpha, max_categories, num_categories and
-    weights_sha256 (None when the file names no weights); `tensors` the `prototypes` (num_categories, stored_dim)
-    and `counts` (num_categories,). Anything damaged, truncated, missing or inconsistent raises `ValueError` naming
-    the file and the problem. Only the file's own tensors are allocated, whatever sizes its metadata claims.
+    weights_sha256 (None when the file names no weights); `tensors` the `prototypes` (num_categories, stored_dim),
+    `counts` (num_categories,) and `novelty_histogram` (NOVELTY_BINS,). Anything damaged, truncated, missing or
+    inconsistent raises `ValueError` naming the file and the problem. Only the file's own tensors are allocated,
+    whatever sizes its metadata claims.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
@@ -158,8 +161,14 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         except ValueError as exc:
             raise problem(f"bad metadata {key}={metadata[key]!r}: {exc}") from None
 
-    if sorted(tensors) != ["counts", "prototypes"]:
-        raise problem(f"expected tensors 'prototypes' and 'counts', found {sorted(tensors)}")
+    if sorted(tensors) != ["counts", "novelty_histogram", "prototypes"]:
+        raise problem(f"expected tensors 'prototypes', 'counts' and 'novelty_histogram', found {sorted(tensors)}")
+    histogram = tensors["novelty_histogram"]
+    if histogram.dtype != torch.long or tuple(histogram.shape) != (NOVELTY_BINS,) or histogram.min() < 0:
+        raise problem(
+            f"novelty_histogram is {histogram.dtype} of shape {tuple(histogram.shape)}; expected non-negative int64 "
+            f"counts of shape ({NOVELTY_BINS},)"
+        )
     prototypes, counts = tensors["prototypes"], tensors["counts"]
     k = config["num_categories"]
     expected = (k, ART_RULES[config["rule"]]().stored_dim(config["dim"]))

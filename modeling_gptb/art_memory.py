@@ -35,6 +35,8 @@ from .art_file import (
     ART_FORMAT,
     ART_FORMAT_VERSION,
     ART_MEMORY_FILE,
+    NOVELTY_BINS,
+    NOVELTY_RANGE,
     _atomic_write,
     check_weights_sha256,
     encode_art_file,
@@ -77,6 +79,9 @@ class ARTStatus(enum.IntEnum):
     NEW = 1  # matched nothing: a new category was created
     REJECTED = 2  # matched nothing and the memory is full: nothing was learned
 
+    def __str__(self) -> str:
+        return self.name.lower()
+
 
 @dataclass
 class ARTOutput:
@@ -107,6 +112,14 @@ class ARTOutput:
 
     def __len__(self) -> int:
         return self.category.shape[0]
+
+    def __repr__(self) -> str:
+        # statuses by name: bare codes (0, 1, 2) mean nothing to a reader
+        return (
+            f"ARTOutput(category={self.category.tolist()}, status={self.status_names()}, "
+            f"similarity={[round(value, 4) for value in self.similarity.tolist()]}, "
+            f"novelty={[round(value, 4) for value in self.novelty.tolist()]})"
+        )
 
     def __getitem__(self, index) -> "ARTOutput":
         """The output of a subset of the rows (an int, slice, mask or index tensor)."""
@@ -176,6 +189,7 @@ class ARTMemory(nn.Module):
         self.register_buffer("weight", torch.zeros(shape, device=device, dtype=dtype))
         self.register_buffer("category_counts", torch.zeros(self.max_categories, device=device, dtype=torch.long))
         self.register_buffer("num_committed", torch.zeros((), device=device, dtype=torch.long))
+        self.register_buffer("novelty_histogram", torch.zeros(NOVELTY_BINS, device=device, dtype=torch.long))
         self._warned_full = False
 
     def _apply(self, fn, recurse=True):
@@ -249,6 +263,7 @@ class ARTMemory(nn.Module):
         self.weight.zero_()
         self.category_counts.zero_()
         self.num_committed.zero_()
+        self.novelty_histogram.zero_()
         self._warned_full = False
 
     def _params(self) -> dict:
@@ -358,7 +373,9 @@ class ARTMemory(nn.Module):
                 stacklevel=3,
             )
         category = torch.where(rejected, -1, steps.target)
-        return self._output(category, steps.resonated, rejected, steps.similarity, steps.best)
+        output = self._output(category, steps.resonated, rejected, steps.similarity, steps.best)
+        self.novelty_histogram.index_add_(0, _novelty_bins(output.novelty), torch.ones_like(category))
+        return output
 
     def _update_distributed(self, x) -> ARTOutput:
         """Gather every rank's rows in rank order, apply the same update everywhere, return this rank's rows."""
@@ -438,6 +455,28 @@ class ARTMemory(nn.Module):
         """1 - best similarity (`cosine`) or 1 - best match (`fuzzy`) of each row; 1 for an empty memory."""
         return self.classify(x).novelty
 
+    def novelty_percentile(self, novelty: torch.Tensor) -> torch.Tensor:
+        """
+        Where each novelty value sits among those of every row the memory has learned from (`update`), as a
+        percentile in [0, 100]: the share of training rows that were less novel (half of those in the same
+        1/1000-wide bin). NaN while the memory has learned nothing.
+        """
+        histogram = self.novelty_histogram.double().cpu()
+        total = histogram.sum()
+        bins = _novelty_bins(torch.as_tensor(novelty, dtype=torch.float64).cpu())
+        below = histogram.cumsum(0) - histogram  # rows in lower bins
+        return 100 * (below[bins] + histogram[bins] / 2) / total if total else torch.full(bins.shape, math.nan)
+
+    def novelty_quantile(self, q: float) -> float:
+        """The novelty below which a share `q` of the training rows fall (the middle of a 1/1000-wide bin); NaN while
+        the memory has learned nothing."""
+        histogram = self.novelty_histogram.cpu()
+        total = int(histogram.sum())
+        if not total:
+            return math.nan
+        bin_index = int(torch.searchsorted(histogram.cumsum(0), math.ceil(q * total)))
+        return (bin_index + 0.5) * NOVELTY_RANGE / NOVELTY_BINS
+
     # -----------------------------------------------------------------------------------------------------------------
     # Persistence
 
@@ -468,6 +507,7 @@ class ARTMemory(nn.Module):
         tensors = {
             "prototypes": self.weight[:k].detach().cpu().contiguous(),
             "counts": self.category_counts[:k].detach().cpu().contiguous(),
+            "novelty_histogram": self.novelty_histogram.detach().cpu().contiguous(),
         }
         config = {
             "rule": self.rule,
@@ -599,7 +639,13 @@ class ARTMemory(nn.Module):
         self.category_counts.zero_()
         self.category_counts[:k] = tensors["counts"]
         self.num_committed.fill_(k)
+        self.novelty_histogram.copy_(tensors["novelty_histogram"])
         self._warned_full = False
+
+
+def _novelty_bins(novelty: torch.Tensor) -> torch.Tensor:
+    """The histogram bin of each novelty value (novelty lies in [0, 2] for `cosine`, [0, 1] for `fuzzy`)."""
+    return (novelty * (NOVELTY_BINS / NOVELTY_RANGE)).floor().long().clamp(0, NOVELTY_BINS - 1)
 
 
 __all__ = [

@@ -677,15 +677,15 @@ def damage_cases():
 
     def shapes(path):
         _, tensors = load_art_file(path)
-        rewrite(path, {"prototypes": tensors["prototypes"], "counts": tensors["counts"][:-1].clone()})
+        rewrite(path, {**tensors, "counts": tensors["counts"][:-1].clone()})
 
     def widths(path):
         _, tensors = load_art_file(path)
-        rewrite(path, {"prototypes": tensors["prototypes"][:, :-1].clone(), "counts": tensors["counts"]})
+        rewrite(path, {**tensors, "prototypes": tensors["prototypes"][:, :-1].clone()})
 
     def counts_dtype(path):
         _, tensors = load_art_file(path)
-        rewrite(path, {"prototypes": tensors["prototypes"], "counts": tensors["counts"].float()})
+        rewrite(path, {**tensors, "counts": tensors["counts"].float()})
 
     return {
         "truncated": (truncate, "damaged or truncated"),
