@@ -3,7 +3,7 @@
 An [`ARTMemory`] clusters vectors (a model's pooled hidden states) into categories without backpropagation. Each input
 either *resonates* with a category it has seen, and moves that category's prototype toward itself, or creates a *new*
 category; when the memory is full, an input that resonates nowhere is *rejected* and nothing learned is overwritten.
-The semantics are `DESIGN.md` §3: `update(x)` gives the categories and statuses of the one-at-a-time loop over the
+Semantics: `docs/design.md#artmemory`. `update(x)` gives the categories and statuses of the one-at-a-time loop over the
 rows of `x`, for any batch size and any way of splitting a stream into calls.
 
 Rules live in `ART_RULES`, each written as artlib's `BaseART` pieces (`prepare_input`, `choice`, `match`, `learn`):
@@ -324,7 +324,7 @@ class ARTMemory(nn.Module):
     @_exact_arithmetic
     def update(self, x: torch.Tensor, sync: bool | None = None) -> ARTOutput:
         """
-        Learn from the rows of `x` (N, dim), one at a time and in order (DESIGN.md §3), and report each row.
+        Learn from the rows of `x` (N, dim) one at a time, in order (docs/design.md#artmemory); report each row.
 
         Any batch size, and any split of a stream into calls, gives the categories and statuses of the one-at-a-time
         loop (see the module docstring for the arithmetic). Invalid inputs (NaN/Inf, wrong shape, for `fuzzy` values

@@ -9,32 +9,53 @@ class CLIError(RuntimeError):
     """A problem the user can act on: printed as one line, exit status 2."""
 
 
-def load_folder(folder: str):
-    """A saved GPTB model and its tokenizer, or a clear error saying what the folder lacks."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_folder(folder: str, tokenizer_source: str | None = None):
+    """A saved GPTB model and its tokenizer (from the folder, or `tokenizer_source`: a folder or Hub id), or a
+    clear error saying what is wrong, raised before anything is loaded."""
     import torch  # noqa: F401  (fail early with torch's own message if it is missing)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
-    import modeling_gptb  # noqa: F401  (registers GPTB with the Auto classes)
+    from .model_folder import check_model_folder
+    from .modeling_gptb import GPTBLMHeadModel
 
-    path = Path(folder)
-    if not path.is_dir():
-        raise CLIError(f"{folder} is not a folder; pass the output folder of `gptb train` or a save_pretrained folder")
-    if not (path / "config.json").is_file():
-        raise CLIError(f"{folder} holds no config.json: not a saved model folder")
+    path = check_model_folder(folder)
+    if tokenizer_source is None and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CLIError(
+            f"{folder} holds no tokenizer (no tokenizer.json): pass one with --tokenizer FOLDER_OR_HUB_ID, "
+            "or save it beside the model with tokenizer.save_pretrained(folder)"
+        )
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar on every command
     try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = GPTBLMHeadModel.from_pretrained(path, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or path, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as error:
         raise CLIError(f"could not load the model in {folder}: {error}") from error
+    problems = {kind: sorted(info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        details = "; ".join(f"{kind.replace('_', ' ')} {keys[:3]}" for kind, keys in problems.items() if keys)
+        raise CLIError(f"the weights in {folder} do not fit its GPTB config: {details}")
+    if len(tokenizer) > model.config.vocab_size:
+        raise CLIError(
+            f"the tokenizer has {len(tokenizer):,} tokens but the model in {folder} knows {model.config.vocab_size:,}"
+            f" (config.vocab_size): pass the tokenizer it was trained with"
+        )
     return model.eval(), tokenizer
 
 
 def cmd_generate(args) -> int:
+    import random
+
     import torch
     from transformers import TextStreamer
 
-    model, tokenizer = load_folder(args.folder)
-    torch.manual_seed(args.seed)
+    model, tokenizer = load_folder(args.folder, args.tokenizer)
+    seed = random.SystemRandom().randrange(2**31) if args.seed is None else args.seed
+    print(f"gptb generate: seed {seed} (pass --seed {seed} to get this sample again)", file=sys.stderr)
+    torch.manual_seed(seed)
     inputs = tokenizer(args.prompt, return_tensors="pt")
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     model.generate(
@@ -52,7 +73,7 @@ def cmd_generate(args) -> int:
 def cmd_art_report(args) -> int:
     from .art_report import art_report, format_art_report
 
-    model, tokenizer = load_folder(args.folder)
+    model, tokenizer = load_folder(args.folder, args.tokenizer)
     texts = list(args.text or [])
     for file in args.file or []:
         texts.append(Path(file).read_text(encoding="utf-8"))
@@ -63,14 +84,18 @@ def cmd_art_report(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from httpx2 import TransportError  # huggingface_hub's HTTP client: a refused or failed connection
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     from .hub import push_folder
 
     try:
         url = push_folder(args.folder, args.repo_id, private=args.private, token=args.token)
-    except (HfHubHTTPError, OfflineModeIsEnabled) as error:  # not logged in, no network, no rights: one line
-        raise CLIError(f"the Hub refused the upload: {error}") from error
+    except LocalTokenNotFoundError as error:
+        raise CLIError("not logged in to the Hub: run `hf auth login`, set HF_TOKEN or pass --token") from error
+    except (HfHubHTTPError, ConnectionError, TransportError) as error:  # offline, refused, no rights: one line
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CLIError(f"could not upload to the Hub ({type(error).__name__}): {reason}") from error
     print(f"Pushed {args.folder} to {url}")
     return 0
 
@@ -103,25 +128,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     build_train_parser(commands.add_parser("train", help="train a GPTB model (Accelerate)"))
 
-    generate = commands.add_parser("generate", help="stream text from a saved model")
-    generate.add_argument("folder")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max_new_tokens", type=int, default=100)
-    generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--top_k", type=int, default=40)
-    generate.add_argument("--greedy", action="store_true")
-    generate.add_argument("--seed", type=int, default=0)
+    tokenizer_help = "tokenizer folder or Hub id, for a model folder saved without one (default: the model folder)"
+    generate = commands.add_parser(
+        "generate",
+        help="stream text from a saved model",
+        description="Stream a sample from a saved GPTB model (a `gptb train` or save_pretrained folder).",
+    )
+    generate.add_argument("folder", help="the model folder")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--tokenizer", help=tokenizer_help)
+    generate.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate (default: %(default)s)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    generate.add_argument("--top_k", type=int, default=40, help="sample from the top k tokens (default: %(default)s)")
+    generate.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    generate.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed to stderr)")
 
-    report = commands.add_parser("art-report", help="ART categories, counts and the novelty of given text")
-    report.add_argument("folder")
+    report = commands.add_parser(
+        "art-report",
+        help="ART categories, counts and the novelty of given text",
+        description="What the model's ART memory holds, and how novel the given texts look to it.",
+    )
+    report.add_argument("folder", help="the model folder")
     report.add_argument("--text", action="append", help="a text to score (repeatable)")
     report.add_argument("--file", action="append", help="a file whose text to score (repeatable)")
+    report.add_argument("--tokenizer", help=tokenizer_help)
 
-    push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
-    push.add_argument("folder")
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--token")
+    push = commands.add_parser(
+        "push",
+        help="upload a saved model folder to the Hugging Face Hub",
+        description="Upload a saved GPTB model folder to the Hub as it is, model card included "
+        "(checkpoints/ and temporary files stay local).",
+    )
+    push.add_argument("folder", help="the model folder")
+    push.add_argument("repo_id", help="the Hub repo, for example your-name/gptb-tiny (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--token", help="Hub token (default: the one `hf auth login` saved, or HF_TOKEN)")
 
     commands.add_parser("corpora", help="list the embedded corpora")
     for name, text in (("bench", "run the benchmarks"), ("experiment", "run an experiment")):

@@ -29,7 +29,7 @@ _GPT2_ONLY_KEYS = (
 
 class GPTBConfig(PretrainedConfig):
     r"""
-    Configuration of a GPTB model: GPT-2 made recurrent (see `DESIGN.md` §2).
+    Configuration of a GPTB model: GPT-2 made recurrent (every field defined in `docs/design.md#configuration`).
 
     GPT-2's hyperparameters keep GPT-2's names, so a GPT-2 config converts one to one
     ([`GPTBConfig.from_gpt2_config`]). What is new:

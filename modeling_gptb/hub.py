@@ -8,33 +8,12 @@ Everything in the folder goes up except training leftovers (`checkpoints/`, `.in
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
+
+from .model_folder import check_model_folder
 
 # Training leftovers that do not belong in a model repo (patterns relative to the folder, as upload_folder takes them)
 IGNORE_PATTERNS = ["checkpoints/", ".incoming/", "*.tmp", "*.tmp/", "*.partial", "*.lock"]
-WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-
-
-def check_model_folder(folder: str | os.PathLike) -> Path:
-    """`folder` as a Path if it holds a saved GPTB model (config.json with model_type gptb, and safetensors
-    weights); a ValueError saying what is missing otherwise."""
-    path = Path(folder)
-    hint = "pass the output folder of `gptb train` or a folder written by `model.save_pretrained`"
-    if not path.is_dir():
-        raise ValueError(f"{folder} is not a folder: {hint}")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{folder} holds no config.json, so it is not a saved model: {hint}")
-    try:
-        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, AttributeError) as error:
-        raise ValueError(f"{folder}/config.json is not a valid model config ({error}): {hint}") from error
-    if model_type != "gptb":
-        raise ValueError(f"{folder} holds a {model_type or 'unknown'!r} model, not a GPTB model: {hint}")
-    if not any((path / name).is_file() for name in WEIGHTS):
-        raise ValueError(f"{folder} holds no model.safetensors (the weights): {hint}")
-    return path
 
 
 def push_folder(

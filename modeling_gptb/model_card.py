@@ -1,9 +1,11 @@
 """README.md model cards for GPTB models, rendered from `hub_cards/gptb_model_card.md` with huggingface_hub.
 
-    card = render_model_card(model.config, training={"steps": 160, "eval_loss": 3.2}, repo_id="me/gptb-tiny")
+    card = render_model_card(model, training={"steps": 160, "eval_loss": 3.2}, repo_id="me/gptb-tiny")
     card.save(Path(folder) / "README.md")
 
-Works offline. Every value is optional: what is missing renders as "n/a".
+The one card of GPTB: `save_pretrained` and `gptb train` both render it. Given a model, the parameter count and the
+ART category count come from the model itself. Works offline. Every value is optional: what is missing renders as
+"n/a".
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _size(num_bytes: int) -> str:
 
 
 def render_model_card(
-    config,
+    model_or_config,
     *,
     base_model: str | None = None,
     datasets: list[str] | str | None = None,
@@ -69,7 +71,8 @@ def render_model_card(
     """Render a model card for a GPTB model.
 
     Args:
-        config: the model's `GPTBConfig` (or its dict).
+        model_or_config: the model (its config, parameter count and ART memory are read), or a `GPTBConfig` or its
+            dict.
         base_model: Hub id of the checkpoint it was warm-started from, if any (goes into the metadata too).
         datasets: Hub dataset ids for the metadata. Local data (a built-in corpus, files) belongs in
             `training["data"]`, a free-text description for the card's body.
@@ -77,12 +80,19 @@ def render_model_card(
         art_report: `num_categories` and any other statistics of the ART memory (extra keys listed as they come).
         repo_id: the Hub id used in the usage snippet and the title.
         license, tags: metadata; `tags` are added to GPTB's own.
-        num_parameters: the model's parameter count, for the architecture table.
+        num_parameters: the parameter count, for the architecture table (default: counted on the model).
         template: a different Jinja2 template file (default: `hub_cards/gptb_model_card.md`).
     """
+    config = getattr(model_or_config, "config", model_or_config)
     values = config if isinstance(config, Mapping) else config.to_dict()
     training = dict(training or {})
     art_report = dict(art_report or {})
+    if config is not model_or_config:  # a model: its own facts, unless the caller measured them
+        if num_parameters is None:
+            num_parameters = model_or_config.num_parameters()
+        memory = getattr(model_or_config, "art_memory", None)
+        if memory is not None:
+            art_report.setdefault("num_categories", memory.num_categories)
     art_enabled = bool(values.get("art_enabled", False))
     datasets = [datasets] if isinstance(datasets, str) else list(datasets or []) or None
 

@@ -2,7 +2,7 @@
 
 Each step reads one token and a fixed-size state of M vectors (the model's own previous outputs), runs GPT-2 blocks
 over that window of M + 1 positions and emits the logits for the next token and the next state. The exact step is
-`DESIGN.md` §2. Parameter names and layout are GPT-2's, so a GPT-2 checkpoint warm-starts a GPTB model.
+in `docs/design.md#the-step`. Parameter names and layout are GPT-2's, so a GPT-2 checkpoint warm-starts it.
 
 This file travels to the Hub as remote code: it imports only the standard library, torch, transformers and its
 sibling files.
@@ -271,9 +271,10 @@ class GPTBPreTrainedModel(PreTrainedModel):
         card_was_there = os.path.isfile(card)
         result = super().save_pretrained(save_directory, *args, **kwargs)
         is_main_process = args[0] if args else kwargs.get("is_main_process", True)
-        if is_main_process and not card_was_there and os.path.isdir(save_directory):
+        card_text = self.model_card_text(kwargs.get("repo_id")) if is_main_process and not card_was_there else None
+        if card_text is not None and os.path.isdir(save_directory):
             with open(card, "w", encoding="utf-8") as f:
-                f.write(self.model_card_text(kwargs.get("repo_id")))
+                f.write(card_text)
         return result
 
     def push_to_hub(
@@ -347,50 +348,17 @@ class GPTBPreTrainedModel(PreTrainedModel):
                 card.save(card_path)
         return self._upload_modified_files(folder, repo_id, timestamps, token=token, **commit)
 
-    def model_card_text(self, repo_id: str | None = None) -> str:
+    def model_card_text(self, repo_id: str | None = None) -> str | None:
         """
-        The `README.md` that [`save_pretrained`] writes into a folder without one: Hub metadata (`library_name:
-        transformers`, `pipeline_tag: text-generation`, tags `gptb`, `custom_code`, ...), the architecture, the ART
-        memory and a usage snippet with `trust_remote_code=True`. `gptb train` replaces it with a fuller card, rendered
-        with GPTB's template (training data, steps, eval loss and perplexity).
+        The `README.md` that [`save_pretrained`] writes into a folder without one: GPTB's one model card (the template
+        `gptb train` renders too), with this model's facts. None where only the remote code is at hand, without the
+        `gptb` package and its template: then no card is written.
         """
-        from huggingface_hub import ModelCardData
-
-        config = self.config
-        tags = ["gptb", "gpt2", "recurrent", "custom_code", *(["art-memory"] if config.art_enabled else [])]
-        metadata = ModelCardData(
-            library_name="transformers",
-            pipeline_tag="text-generation" if self.can_generate() else None,
-            tags=tags,
-        )
-        rows = [
-            ("Architecture", f"GPTB: GPT-2 made recurrent ({type(self).__name__})"),
-            ("Layers / width / heads", f"{config.n_layer} / {config.n_embd} / {config.n_head}"),
-            ("Recurrent state", f"{config.state_size} x {config.n_embd}, the same size at every sequence length"),
-            ("Vocabulary", f"{config.vocab_size:,}"),
-            ("Parameters", f"{self.num_parameters():,}"),
-        ]
-        if config.art_enabled:
-            memory = getattr(self, "art_memory", None)
-            categories = f", {memory.num_categories:,} categories" if memory is not None else ""
-            rows.append(("ART memory", f"{config.art_rule}, vigilance {config.art_vigilance:g}{categories}"))
-        name = repo_id or "path/to/gptb-model"
-        loader = "AutoModelForCausalLM" if self.can_generate() else "AutoModel"
-        table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-        return (
-            f"---\n{metadata.to_yaml()}\n---\n\n"
-            f"# {name.rsplit('/', 1)[-1] if repo_id else 'GPTB model'}\n\n"
-            "A GPTB model: each step reads one token and a fixed-size state (the model's own previous outputs) "
-            "through GPT-2 blocks, so memory and time per token stay constant in the sequence length.\n\n"
-            f"| | |\n|---|---|\n{table}\n\n"
-            "## Usage\n\n"
-            "The model code travels with the weights, so loading needs `trust_remote_code=True`:\n\n"
-            "```python\n"
-            f"from transformers import {loader}, AutoTokenizer\n\n"
-            f'model = {loader}.from_pretrained("{name}", trust_remote_code=True)\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # gptb train saves a tokenizer with the model\n'
-            "```\n"
-        )
+        try:  # absolute on purpose: the remote-code copy must not carry the package's card code with it
+            from modeling_gptb.model_card import render_model_card
+        except ImportError:
+            return None
+        return render_model_card(self, repo_id=repo_id).content
 
 
 class GPTBModel(GPTBPreTrainedModel):

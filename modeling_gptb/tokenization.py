@@ -1,4 +1,9 @@
-"""Tokenizers that work offline and save beside the model (`AutoTokenizer.from_pretrained(folder)` loads them).
+"""Tokenizers that work offline and save beside the model.
+
+Saved as a plain `tokenizer.json` with a built-in `tokenizer_class`, they load with no remote code:
+`PreTrainedTokenizerFast.from_pretrained(folder_or_repo_id)` anywhere, and `AutoTokenizer.from_pretrained(folder)`
+where the `gptb` package is imported (elsewhere AutoTokenizer first reads the folder's config.json, GPTB's remote code,
+and asks whether to run it).
 
 Both are byte-level, like GPT-2's: any text becomes bytes first, so nothing is ever unknown and
 `decode(encode(text)) == text` for any string. Special tokens come first in both vocabularies:

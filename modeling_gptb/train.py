@@ -228,7 +228,7 @@ def evaluate(model, loader, accelerator: Accelerator, max_batches: int) -> dict:
 
 
 def check_art_synchronised(accelerator: Accelerator, model):
-    """Every rank must hold the identical memory (DESIGN.md §3); say so, or stop with an error."""
+    """Every rank must hold the identical memory (docs/design.md#distributed-art); say so, or stop with an error."""
     memory = getattr(model, "art_memory", None)
     if memory is None or accelerator.num_processes == 1:
         return
@@ -419,7 +419,7 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     card = render_model_card(
-        model.config,
+        model,
         datasets=[args.dataset] if args.dataset else None,  # Hub dataset ids only; local text is described below
         training={
             "steps": result["step"],

@@ -1,4 +1,4 @@
-"""The GPTB step written from DESIGN.md §2 in plain torch, float64, from a state dict: the tests' reference.
+"""The GPTB step written from docs/design.md#the-step in plain torch, float64, from a state dict: the tests' reference.
 
 Nothing here calls the package's code: it reads the weights by their GPT-2 names and does the arithmetic itself.
 """

@@ -1,4 +1,4 @@
-"""ARTMemory against DESIGN.md §3, written here as a plain loop: one row at a time, a Python list of float64
+"""ARTMemory against docs/design.md#artmemory written as a plain loop: one row at a time, a Python list of float64
 prototypes. The memory must give the loop's categories and statuses exactly, and its prototypes up to rounding."""
 
 import json
@@ -29,7 +29,7 @@ from modeling_gptb.art_memory import (
 )
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The reference: DESIGN.md §3 read literally
+# The reference: docs/design.md#artmemory read literally
 
 
 def reference_cosine(x, w):

@@ -1,6 +1,7 @@
 """Smoke test of `gptb bench`: every section runs at tiny sizes and writes its table and JSON.
 
-No timing is asserted (speed lives in the benchmarks, DESIGN.md §6); this only keeps the benchmark code from rotting.
+No timing is asserted (speed lives in the benchmarks: docs/design.md#how-speed-is-measured); this keeps their code
+from rotting.
 """
 
 import json

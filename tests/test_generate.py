@@ -1,4 +1,4 @@
-"""generate() on GPTB: the recurrent state is the cache (DESIGN.md §2, issue 2 item 7).
+"""generate() on GPTB: the recurrent state is the cache (docs/design.md#chunking-and-the-generation-cache).
 
 References are independent of the model's code: a greedy loop over the float64 step written from the definition
 (tests/reference.py), and `generate(use_cache=False)`, which re-reads the whole sequence from the initial state at

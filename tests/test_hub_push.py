@@ -13,6 +13,7 @@ import huggingface_hub.constants as hub_constants
 import huggingface_hub.utils._http as hub_http
 import pytest
 import torch
+from card_snippet import assert_ran_without_a_question, run_card_snippet, usage_snippet
 from conftest import WITHOUT_THE_PACKAGE, randomize, tiny_config, tiny_model, tiny_tokenizer
 from fake_hub import FakeHub
 from huggingface_hub import ModelCard, hf_hub_download, snapshot_download
@@ -186,7 +187,9 @@ def test_save_pretrained_writes_a_card_only_where_there_is_none(tmp_path):
     model.save_pretrained(tmp_path / "new")
     card = ModelCard.load(tmp_path / "new" / "README.md")
     assert card.data.library_name == "transformers" and "custom_code" in card.data.tags
-    assert "trust_remote_code=True" in card.text and "ART memory | cosine, vigilance 0.99" in card.text
+    assert "trust_remote_code=True" in card.text and card.data.license == "apache-2.0"
+    assert "| Rule | cosine |" in card.text and "| Vigilance | 0.99 |" in card.text
+    assert f"| Parameters | {model.num_parameters():,} |" in card.text
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "README.md").write_text("my own card\n")
     model.save_pretrained(tmp_path / "mine")
@@ -233,6 +236,14 @@ def test_gptb_push_uploads_a_trained_folder_byte_for_byte(hub, tmp_path, capsys)
     assert Path(single).read_bytes() == expected[ART_MEMORY_FILE]
     card = ModelCard.load("org/trained")  # the rendered card, not a generic one
     assert "custom_code" in card.data.tags and "25.80" in card.text
+
+
+def test_the_pushed_cards_snippet_loads_model_and_tokenizer_from_the_repo_id_without_a_question(hub, tmp_path):
+    folder = train_style_folder(tmp_path / "run")
+    assert cli.main(["push", str(folder), "org/trained"]) == 0
+    snippet = usage_snippet(ModelCard.load("org/trained").text)
+    assert 'from_pretrained("org/trained")' in snippet  # the tokenizer line: no trust_remote_code
+    assert_ran_without_a_question(run_card_snippet(snippet, tmp_path / "work", hub_root=hub.root))
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,17 @@
 """Model cards: metadata, body, usage snippet, "n/a" for what is missing, round trip through ModelCard.load."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import yaml
+from card_snippet import assert_ran_without_a_question, run_card_snippet, usage_snippet
 from huggingface_hub import ModelCard
 
-from modeling_gptb.model_card import render_model_card, template_path
+from modeling_gptb.model_card import USAGE_PLACEHOLDER, render_model_card, template_path
 from modeling_gptb.presets import load_model_preset
 
 TRAINING = {
@@ -82,7 +89,7 @@ def test_body_reports_architecture_art_and_training(card):
 def test_usage_snippet(card):
     text = card.text
     assert 'AutoModelForCausalLM.from_pretrained("someone/gptb-tiny-stdlib", trust_remote_code=True)' in text
-    assert 'AutoTokenizer.from_pretrained("someone/gptb-tiny-stdlib")' in text
+    assert 'tokenizer = PreTrainedTokenizerFast.from_pretrained("someone/gptb-tiny-stdlib")\n' in text
     assert text.startswith("\n# gptb-tiny-stdlib\n")
 
 
@@ -129,3 +136,65 @@ def test_custom_template(config, tmp_path):
     mine.write_text("---\n{{ card_data }}\n---\n\nState {{ state_size }}, loss {{ eval_loss }}.\n")
     card = render_model_card(config, template=mine, training={"eval_loss": 2.5})
     assert card.text.strip() == "State 8, loss 2.5000."
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One card (issue 12 item 3): `gptb train` and `save_pretrained` render the same template from the model's own facts;
+# its usage snippet runs as pasted, without a question (item 1)
+
+TINY_TRAIN = [
+    "--max_chars", "20000", "--tokenizer_vocab_size", "300", "--block_size", "16", "--batch_size", "4",
+    "--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "2", "--eval_batches", "1",
+    "--sample_tokens", "4", "--set", "n_embd=32", "--set", "n_head=4", "--set", "state_size=3",
+]  # fmt: skip
+
+
+def table_rows(card: ModelCard) -> list[str]:
+    """The label of every table row, in order: the card's structure without its values."""
+    return re.findall(r"^\| ([^|]+?) \|", card.text, flags=re.MULTILINE)
+
+
+def test_gptb_train_and_save_pretrained_write_one_card_with_the_models_facts(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "modeling_gptb.train", "--output_dir", str(output), *TINY_TRAIN],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(output)
+    model.save_pretrained(tmp_path / "saved")
+    trained, saved = (ModelCard.load(folder / "README.md") for folder in (output, tmp_path / "saved"))
+
+    assert table_rows(trained) == table_rows(saved)  # one template
+    parameters = f"| Parameters | {model.num_parameters():,} |"
+    categories = f"| Categories learned | {model.art_memory.num_categories:,} |"
+    for card in (trained, saved):
+        assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
+        assert {"gptb", "custom_code", "art-memory"} <= set(card.data.tags)
+        for row in (parameters, categories, "| State size M (slots) | 3 |"):
+            assert row in card.text, row
+        assert "PreTrainedTokenizerFast.from_pretrained(" in card.text
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert f"| Eval loss | {metrics['eval_loss']:.4f} |" in trained.text
+    assert f"| Tokens | {2 * 4 * 16:,} |" in trained.text and "| Steps | 2 |" in trained.text
+    assert "| Eval loss | n/a |" in saved.text  # save_pretrained does not know it: n/a, never a made-up value
+
+
+def test_the_save_pretrained_cards_snippet_runs_from_a_folder_without_a_question(tmp_path):
+    from conftest import tiny_model
+
+    from modeling_gptb.tokenization import byte_tokenizer
+
+    folder = tmp_path / "my-gptb"
+    tiny_model(vocab_size=258, pad_token_id=1, art_enabled=True).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    snippet = usage_snippet((folder / "README.md").read_text())
+    assert USAGE_PLACEHOLDER in snippet
+    proc = run_card_snippet(snippet.replace(USAGE_PLACEHOLDER, str(folder)), tmp_path / "work")
+    assert_ran_without_a_question(proc)

@@ -15,3 +15,12 @@ def test_tooling_is_installed_under_the_package_namespace(tmp_path):
     generic, namespaced = out.stdout.splitlines()
     assert generic == "[]", f"pip installed generic top-level packages: {generic}"
     assert namespaced == "['modeling_gptb.benchmarks', 'modeling_gptb.experiments']"
+
+
+def test_peft_is_an_extra():
+    """`pip install gptb[peft]` brings peft (the PEFT tests skip only without it)."""
+    from importlib.metadata import metadata
+
+    info = metadata("gptb")
+    assert "peft" in info.get_all("Provides-Extra")
+    assert any(req.startswith("peft>=") and 'extra == "peft"' in req for req in info.get_all("Requires-Dist"))

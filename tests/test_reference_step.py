@@ -1,4 +1,4 @@
-"""GPTB's forward equals the step of DESIGN.md §2 computed from the definition (tests/reference.py), in float64."""
+"""GPTB's forward equals docs/design.md#the-step computed from the definition (tests/reference.py), in float64."""
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 hardware.
 
 Prints a markdown table and writes the figures as JSON and the table as markdown into the current directory
-(`gptb-bench-<device>.json`, `gptb-bench-<device>.md`) or `--output DIR`. How speed is measured: docs/design.md.
+(`gptb-bench-<device>.json`, `gptb-bench-<device>.md`) or `--output DIR`. Method: docs/design.md#how-speed-is-measured.
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """ARTMemory: the batched exact update against the one-at-a-time loop over a Python list of prototypes.
 
-The reference memories below are DESIGN.md §3 written out plainly, sample by sample (they do not import our module):
+The reference memories below are docs/design.md#artmemory written plainly, row by row (they do not import our module):
 the cosine rule as the project's original memory, a Python list of prototypes scanned for every input; the fuzzy rule
 as a straightforward per-sample Fuzzy ART (choice values per category, candidates tried in order). Both run in
 float64, the dtype ARTMemory scores in, and the memory under test keeps float64 prototypes, so the decisions must be

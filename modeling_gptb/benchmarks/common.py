@@ -1,6 +1,6 @@
 """What every benchmark section shares: sizes, the device, timing, model builders and the FLOP count.
 
-Timing rules (DESIGN.md §6): the machines are shared and noisy, so the things compared run interleaved in one process
+Timing (docs/design.md#how-speed-is-measured): on shared, noisy machines the things compared run interleaved
 (A, B, A, B, ...) and each gets the median of its repetitions; sections report ratios. On CUDA every timed call is
 bracketed by `torch.cuda.synchronize()` and timed with CUDA events.
 """

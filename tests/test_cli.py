@@ -1,0 +1,213 @@
+"""The `gptb` command as a user meets it (issue 12 items 5 and 7, issue 11 item 7): help that explains, a fresh seed
+per sample, a missing tokenizer named as such, one line instead of a traceback when the Hub cannot be reached, no
+progress bars, and never a wrong or incomplete model loaded or uploaded without a word."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize, tiny_model
+from safetensors.torch import load_file, save_file
+
+from modeling_gptb import cli
+from modeling_gptb.art_memory import ART_MEMORY_FILE
+from modeling_gptb.tokenization import byte_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def save_model_folder(folder: Path, *, tokenizer: bool = True, **overrides) -> Path:
+    """A byte-level GPTB model with an ART memory that has learned something, saved as save_pretrained does."""
+    settings = {"vocab_size": 258, "pad_token_id": 1, "art_enabled": True, **overrides}
+    model = randomize(tiny_model(**settings), seed=4)
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(2, settings["vocab_size"], (4, 6), generator=torch.Generator().manual_seed(4)))
+    model.eval().save_pretrained(folder)
+    if tokenizer:
+        byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_model_folder(tmp_path_factory.mktemp("cli") / "model")
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"gptb {command}: error:") and err.count("\n") == 1, err
+    return err
+
+
+def generate(capsys, *args) -> tuple[int, str, str]:
+    status = cli.main(["generate", *map(str, args), "--max_new_tokens", "12"])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gptb generate: seed, tokenizer, help
+
+
+def test_generate_draws_a_fresh_seed_each_run_prints_it_and_repeats_a_given_one(folder, capsys):
+    seeds, samples = [], []
+    for _ in range(2):
+        status, out, err = generate(capsys, folder, "--prompt", "Return the")
+        assert status == 0
+        seeds.append(int(re.search(r"seed (\d+)", err).group(1)))
+        samples.append(out)
+        # the seed is all that goes to stderr: no "Loading weights" progress bar
+        assert err == f"gptb generate: seed {seeds[-1]} (pass --seed {seeds[-1]} to get this sample again)\n", err
+    assert seeds[0] != seeds[1]  # equal with probability 2**-31
+    status, again, err = generate(capsys, folder, "--prompt", "Return the", "--seed", seeds[0])
+    assert status == 0 and again == samples[0] and f"seed {seeds[0]}" in err
+
+
+def test_generate_on_a_folder_without_a_tokenizer_says_so_and_takes_one(tmp_path, folder, capsys):
+    bare = save_model_folder(tmp_path / "bare", tokenizer=False)
+    status, out, _ = generate(capsys, bare, "--prompt", "Return the", "--seed", 3)
+    assert status == 2
+    err = capsys.readouterr().err or _
+    assert "holds no tokenizer" in err and "--tokenizer" in err
+    assert "sentencepiece" not in err and "tiktoken" not in err
+    status, out, _ = generate(capsys, bare, "--prompt", "Return the", "--seed", 3, "--tokenizer", folder)
+    assert status == 0 and out.startswith("Return the")
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_model_vocabulary(tmp_path, capsys):
+    small = save_model_folder(tmp_path / "small", tokenizer=False, vocab_size=200)
+    (tmp_path / "tok").mkdir()
+    byte_tokenizer().save_pretrained(tmp_path / "tok")
+    status, _, err = generate(capsys, small, "--prompt", "x", "--tokenizer", tmp_path / "tok")
+    assert status == 2 and "258 tokens" in err and "knows 200" in err, err
+
+
+def test_generate_help_describes_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert text.startswith("usage: gptb generate") and "default: None" not in text
+    for option, words in {
+        "--prompt": "text to continue",
+        "--tokenizer": "tokenizer folder or Hub id",
+        "--max_new_tokens": "(default: 100)",
+        "--temperature": "(default: 1.0)",
+        "--top_k": "(default: 40)",
+        "--greedy": "most likely token",
+        "--seed": "a fresh one, printed",
+    }.items():
+        assert re.search(re.escape(option) + r"\b[^-]*" + re.escape(words), text), (option, text)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the wrong thing in the folder: exit 2, one line, nothing uploaded
+
+
+def foreign_weights(folder: Path):
+    save_file({"encoder.weight": torch.zeros(3, 3)}, folder / "model.safetensors")
+
+
+def weights_of_another_size(folder: Path):
+    tensors = load_file(folder / "model.safetensors")
+    tensors["transformer.initial_embeds"] = torch.zeros(5, tensors["transformer.initial_embeds"].shape[1])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def edit_config(folder: Path, change):
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+FAULTS = {
+    "bert config": (lambda f: edit_config(f, lambda c: c.update(model_type="bert")), "'bert' model, not a GPTB"),
+    "foreign weights": (foreign_weights, "(32); unexpected encoder.weight (1)"),
+    "weights of another size": (weights_of_another_size, "wrong shape transformer.initial_embeds"),
+    "no art_enabled": (lambda f: edit_config(f, lambda c: c.pop("art_enabled")), '"art_enabled": true or false'),
+    "art memory switched off": (
+        lambda f: edit_config(f, lambda c: c.update(art_enabled=False)),
+        "the memory would be dropped",
+    ),
+    "art memory file lost": (lambda f: (f / ART_MEMORY_FILE).unlink(), f"holds no {ART_MEMORY_FILE}"),
+}
+
+
+@pytest.mark.parametrize("command", ["generate", "art-report", "push"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_folder_without_the_gptb_model_it_claims_is_refused(tmp_path, folder, capsys, monkeypatch, command, fault):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in folder.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    damage, message = FAULTS[fault]
+    damage(broken)
+    before = {p.name: p.read_bytes() for p in broken.iterdir()}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # should the check let it through, push fails differently
+    args = {"generate": ["--prompt", "x", "--seed", "0"], "art-report": ["--text", "x"], "push": ["org/repo"]}
+    assert cli.main([command, str(broken), *args[command]]) == 2
+    err = one_line_error(capsys, command)
+    assert message in err, err
+    assert {p.name: p.read_bytes() for p in broken.iterdir()} == before
+
+
+def test_a_sharded_checkpoint_passes_the_check(tmp_path, folder, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    byte_tokenizer().save_pretrained(tmp_path / "sharded")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    status, _, err = generate(capsys, tmp_path / "sharded", "--prompt", "x", "--seed", "1")
+    assert status == 0, err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# real processes: the Hub out of reach, transformers' load report
+
+
+def run_gptb(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "modeling_gptb.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        timeout=180,
+    )
+
+
+def test_push_with_the_hub_out_of_reach_is_one_line(folder, tmp_path):
+    with socket.socket() as closed:  # bound but not listening: every connection is refused
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+        proc = run_gptb("push", folder, "org/repo", env=env)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("gptb push: error: could not upload to the Hub (ConnectError)"), proc.stderr
+
+
+def test_from_pretrained_warns_about_foreign_weights(tmp_path, folder):
+    """The Python API loads what it is given, as transformers does, but says loudly what did not fit."""
+    broken = tmp_path / "foreign"
+    broken.mkdir()
+    for item in folder.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    foreign_weights(broken)
+    load = "import sys, modeling_gptb, transformers; transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", load, str(broken)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("LOAD REPORT", "encoder.weight", "UNEXPECTED", "transformer.wte.weight", "MISSING"):
+        assert word in proc.stderr, proc.stderr
