@@ -1,7 +1,7 @@
 """The exact batched engine behind `ARTMemory.update`: the one-at-a-time loop's decisions, a block of rows at a time.
 
 `BlockEngine` runs any rule written as `choice` / `match` / `learn` (see `art_rules.py`); `CosineEngine` replaces its
-steps with faster ones that keep the same decisions.
+steps with faster ones that keep the same decisions. Design: `docs/design.md#the-batched-engine-and-what-exact-means`.
 
 Arithmetic: what "exact" means here
 -----------------------------------

@@ -1,7 +1,8 @@
 """
 The `art_memory.safetensors` file: safetensors with tensors `prototypes`, `counts` and `novelty_histogram`, and in
 its metadata the hyperparameters, the format version, optionally the sha256 of each weights file saved with the
-memory (`weights_sha256`), and a checksum (`sha256`) over all of the metadata and the tensor data.
+memory (`weights_sha256`), and a checksum (`sha256`) over all of the metadata and the tensor data. Design:
+`docs/design.md#art_memorysafetensors`.
 """
 
 import hashlib

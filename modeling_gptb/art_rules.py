@@ -6,6 +6,7 @@
   choice `|I ^ w| / (alpha + |w|)`, match `|I ^ w| / |I|`, learning `w <- beta (I ^ w) + (1 - beta) w`.
 
 A new rule is a subclass of `ARTRule` and an entry in `ART_RULES`; the engine (`art_engine.py`) does the rest.
+Design: `docs/design.md#artmemory`.
 """
 
 import math
