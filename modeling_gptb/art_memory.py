@@ -106,6 +106,8 @@ class ARTOutput:
     similarity: torch.Tensor
     novelty: torch.Tensor
 
+    _REPR_ROWS = 8  # rows shown by repr (not a field: no annotation)
+
     def status_names(self) -> list[str]:
         """The status of each row as a name: "resonated", "new" or "rejected"."""
         return [ARTStatus(code).name.lower() for code in self.status.tolist()]
@@ -114,11 +116,13 @@ class ARTOutput:
         return self.category.shape[0]
 
     def __repr__(self) -> str:
-        # statuses by name: bare codes (0, 1, 2) mean nothing to a reader
+        # statuses by name: bare codes (0, 1, 2) mean nothing to a reader; long outputs show their first rows
+        shown = self[: self._REPR_ROWS]
+        more = f", ... {len(self)} rows" if len(self) > self._REPR_ROWS else ""
         return (
-            f"ARTOutput(category={self.category.tolist()}, status={self.status_names()}, "
-            f"similarity={[round(value, 4) for value in self.similarity.tolist()]}, "
-            f"novelty={[round(value, 4) for value in self.novelty.tolist()]})"
+            f"ARTOutput(category={shown.category.tolist()}, status={shown.status_names()}, "
+            f"similarity={[round(value, 4) for value in shown.similarity.tolist()]}, "
+            f"novelty={[round(value, 4) for value in shown.novelty.tolist()]}{more})"
         )
 
     def __getitem__(self, index) -> "ARTOutput":

@@ -17,6 +17,8 @@ def test_an_output_prints_its_statuses_by_name():
     text = repr(out)
     assert "status=['new', 'resonated', 'new', 'rejected']" in text and "category=[0, 0, 1, -1]" in text
     assert str(ARTStatus.REJECTED) == "rejected" and f"{ARTStatus(0)}" == "resonated"
+    long = ARTMemory(3).update(torch.rand(100, 3))
+    assert repr(long).count("'") == 2 * 8 and repr(long).endswith(", ... 100 rows)")
 
 
 def novelty_bin(value):
