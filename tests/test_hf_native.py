@@ -33,11 +33,11 @@ TOKENS = torch.tensor([[5, 17, 3, 42, 8, 60, 1], [9, 9, 2, 33, 14, 7, 0]])
 
 
 def remote_code_files():
-    """The files `save_pretrained` must copy: the config and modeling files, the input checks and the ART memory."""
-    files = {"configuration_gptb.py", "modeling_gptb.py", "validation.py"}
-    if (PACKAGE_DIR / "art_memory.py").exists():
-        files.add("art_memory.py")
-    return files
+    """The files `save_pretrained` must copy: the config and modeling files, the input checks, and the ART memory's
+    files (the memory, its rules, engine and file format: relative imports of relative imports travel too)."""
+    art_files = {"art_memory.py", "art_rules.py", "art_engine.py", "art_file.py"}
+    present = {name for name in art_files if (PACKAGE_DIR / name).exists()}
+    return {"configuration_gptb.py", "modeling_gptb.py", "validation.py"} | present
 
 
 def populate_hub_cache(cache: Path, repo_id: str, folder: Path) -> Path:
