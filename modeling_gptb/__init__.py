@@ -6,6 +6,7 @@ writes `auto_map` and copies the code files (loadable with `trust_remote_code=Tr
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .art_memory import ARTMemory
 from .configuration_gptb import GPTBConfig
 from .modeling_gptb import GPTBCache, GPTBLMHeadModel, GPTBModel, GPTBPreTrainedModel
 
@@ -18,4 +19,12 @@ GPTBConfig.register_for_auto_class()
 GPTBModel.register_for_auto_class("AutoModel")
 GPTBLMHeadModel.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["GPTBCache", "GPTBConfig", "GPTBLMHeadModel", "GPTBModel", "GPTBPreTrainedModel", "__version__"]
+__all__ = [
+    "ARTMemory",
+    "GPTBCache",
+    "GPTBConfig",
+    "GPTBLMHeadModel",
+    "GPTBModel",
+    "GPTBPreTrainedModel",
+    "__version__",
+]

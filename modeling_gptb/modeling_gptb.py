@@ -23,6 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput, cached_file
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .art_file import saved_weights_sha256
 from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTOutput, ARTStatus
 from .chunked_loss import chunked_causal_lm_loss
 from .configuration_gptb import GPTBConfig
@@ -953,7 +954,9 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
         super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if self.art_memory is not None and is_main_process:
-            self.art_memory.save_pretrained(save_directory)
+            # The ART file names the weights it belongs to: a save killed between the two files does not load.
+            weights = saved_weights_sha256(save_directory, kwargs.get("variant"))
+            self.art_memory.save_pretrained(save_directory, weights_sha256=weights)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -967,15 +970,19 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             model.art_memory.reset()
         if model.art_memory is not None and pretrained_model_name_or_path is not None:
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-            path = cached_file(
-                pretrained_model_name_or_path,
-                ART_MEMORY_FILE,
-                _raise_exceptions_for_missing_entries=False,
-                _raise_exceptions_for_connection_errors=False,
-                **hub_kwargs,
-            )
+
+            def locate(name):
+                return cached_file(
+                    pretrained_model_name_or_path,
+                    name,
+                    _raise_exceptions_for_missing_entries=False,
+                    _raise_exceptions_for_connection_errors=False,
+                    **hub_kwargs,
+                )
+
+            path = locate(ART_MEMORY_FILE)
             if path is not None:
-                model.art_memory.load_file(path)
+                model.art_memory.load_file(path, locate_weights=locate)
         loaded = (model, info) if want_info else model
         return loaded
 

@@ -1,7 +1,6 @@
 """ARTMemory against docs/design.md#artmemory written as a plain loop: one row at a time, a Python list of float64
 prototypes. The memory must give the loop's categories and statuses exactly, and its prototypes up to rounding."""
 
-import hashlib
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_save
+from test_art_reliability import checksum
 from torch import nn
 
 from modeling_gptb import art_memory
@@ -427,7 +427,7 @@ def test_bfloat16_memory_keeps_the_decisions_and_scores_in_float64():
     rows = clustered(6, 200, 32, 8, 0.1)
     reference = ReferenceART("cosine", 0.9)
     expected = reference.update(rows)
-    memory = ARTMemory(32, vigilance=0.9).to(torch.bfloat16)
+    memory = ARTMemory(32, vigilance=0.9, dtype=torch.bfloat16)
     assert memory.weight.dtype == torch.bfloat16 and memory.category_counts.dtype == torch.long
     output = memory.update(rows.to(torch.bfloat16))
     assert output.category.tolist() == expected["category"] and output.status.tolist() == expected["status"]
@@ -450,6 +450,9 @@ def test_state_dict_round_trip_in_a_parent_model():
 
 
 def test_api_surface():
+    import modeling_gptb
+
+    assert modeling_gptb.ARTMemory is ARTMemory and "ARTMemory" in modeling_gptb.__all__
     memory = ARTMemory(3, rule="fuzzy", vigilance=0.5, max_categories=4)
     assert memory.beta == 1.0 and ARTMemory(3).beta == 0.5
     assert "rule='fuzzy'" in repr(memory) and "max_categories=4" in repr(memory)
@@ -642,13 +645,12 @@ def rewrite(path, tensors=None, **metadata_changes):
     with open(path, "rb") as f:
         data = f.read()
     metadata = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"]
-    body = safetensors_save(tensors)
-    metadata["sha256"] = hashlib.sha256(body[8 + struct.unpack("<Q", body[:8])[0] :]).hexdigest()
     for key, value in metadata_changes.items():
         if value is None:
             metadata.pop(key)
         else:
             metadata[key] = value
+    metadata["sha256"] = checksum(metadata, tensors)
     with open(path, "wb") as f:
         f.write(safetensors_save(tensors, metadata))
 
@@ -675,15 +677,15 @@ def damage_cases():
 
     def shapes(path):
         _, tensors = load_art_file(path)
-        rewrite(path, {"prototypes": tensors["prototypes"], "counts": tensors["counts"][:-1].clone()})
+        rewrite(path, {**tensors, "counts": tensors["counts"][:-1].clone()})
 
     def widths(path):
         _, tensors = load_art_file(path)
-        rewrite(path, {"prototypes": tensors["prototypes"][:, :-1].clone(), "counts": tensors["counts"]})
+        rewrite(path, {**tensors, "prototypes": tensors["prototypes"][:, :-1].clone()})
 
     def counts_dtype(path):
         _, tensors = load_art_file(path)
-        rewrite(path, {"prototypes": tensors["prototypes"], "counts": tensors["counts"].float()})
+        rewrite(path, {**tensors, "counts": tensors["counts"].float()})
 
     return {
         "truncated": (truncate, "damaged or truncated"),
@@ -691,7 +693,7 @@ def damage_cases():
         "bit flip": (flip_a_bit, "checksum mismatch"),
         "not safetensors": (not_safetensors, "not a safetensors file"),
         "too short": (tiny, r"not a safetensors file \(only 3 bytes\)"),
-        "version": (lambda p: rewrite(p, format_version="2"), "unsupported format version '2'"),
+        "version": (lambda p: rewrite(p, format_version="3"), "unsupported format version '3'"),
         "format": (lambda p: rewrite(p, format="something-else"), "not an ARTMemory file"),
         "missing key": (lambda p: rewrite(p, vigilance=None), r"metadata lacks \['vigilance'\]"),
         "bad value": (lambda p: rewrite(p, beta="1.5"), r"bad metadata beta='1.5'"),

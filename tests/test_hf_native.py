@@ -35,7 +35,8 @@ TOKENS = torch.tensor([[5, 17, 3, 42, 8, 60, 1], [9, 9, 2, 33, 14, 7, 0]])
 
 def remote_code_files():
     """The files `save_pretrained` must copy: the config and modeling files and every file they reach by
-    `from .name import ...` (the input checks, the ART memory, the CUDA-graph decoding, ...)."""
+    `from .name import ...`, directly or through each other (the input checks, the ART memory's rules, engine and
+    file format, the CUDA-graph decoding, the chunked loss)."""
     files, to_read = set(), ["configuration_gptb.py", "modeling_gptb.py"]
     while to_read:
         name = to_read.pop()

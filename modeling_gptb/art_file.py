@@ -1,0 +1,234 @@
+"""
+The `art_memory.safetensors` file: safetensors with tensors `prototypes`, `counts` and `novelty_histogram`, and in
+its metadata the hyperparameters, the format version, optionally the sha256 of each weights file saved with the
+memory (`weights_sha256`), and a checksum (`sha256`) over all of the metadata and the tensor data. Design:
+`docs/design.md#art_memorysafetensors`.
+"""
+
+import hashlib
+import json
+import os
+import struct
+import uuid
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from .art_rules import ART_RULES, _check_alpha, _check_int, _check_rule, _check_unit
+
+ART_MEMORY_FILE = "art_memory.safetensors"
+ART_FORMAT = "gptb-art-memory"
+ART_FORMAT_VERSION = 2
+# The novelty of every row a memory learned from, counted in NOVELTY_BINS equal bins over [0, NOVELTY_RANGE].
+NOVELTY_BINS, NOVELTY_RANGE = 2000, 2.0
+
+
+def _data_section(data: bytes) -> bytes:
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return data[8 + header_len :]
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder, flushed to disk, then renamed over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable (POSIX; not possible on every platform)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def encode_art_file(config: dict, tensors: dict[str, torch.Tensor], weights_sha256: dict | None = None) -> bytes:
+    """
+    The bytes of an ART file holding `tensors` (`prototypes`, `counts`) and the hyperparameters in `config`;
+    `weights_sha256` (file name -> sha256) names the weights files the memory was saved with, if any.
+    """
+    metadata = {
+        "format": ART_FORMAT,
+        "format_version": str(ART_FORMAT_VERSION),
+        "rule": config["rule"],
+        "dim": str(config["dim"]),
+        "vigilance": repr(config["vigilance"]),
+        "beta": repr(config["beta"]),
+        "alpha": repr(config["alpha"]),
+        "max_categories": str(config["max_categories"]),
+        "num_categories": str(config["num_categories"]),
+    }
+    if weights_sha256:
+        metadata["weights_sha256"] = json.dumps(weights_sha256, sort_keys=True)
+    # The data section does not depend on the metadata: lay it out once without, then store the checksum.
+    metadata["sha256"] = _checksum(metadata, _data_section(safetensors_save(tensors)))
+    return safetensors_save(tensors, metadata)
+
+
+def _checksum(metadata: dict, data_section: bytes) -> str:
+    """sha256 of every metadata field but the checksum itself (as sorted, compact JSON), then the tensor data."""
+    fields = {key: value for key, value in metadata.items() if key != "sha256"}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return hashlib.sha256(canonical + data_section).hexdigest()
+
+
+def _parse_weights_sha256(value: str) -> dict[str, str]:
+    names = json.loads(value)
+    if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+        raise ValueError("expected a JSON object of file name -> sha256")
+    return names
+
+
+_METADATA_FIELDS = {
+    "rule": _check_rule,
+    "dim": lambda v: _check_int("dim", int(v)),
+    "vigilance": lambda v: _check_unit("vigilance", float(v)),
+    "beta": lambda v: _check_unit("beta", float(v)),
+    "alpha": lambda v: _check_alpha(float(v)),
+    "max_categories": lambda v: _check_int("max_categories", int(v)),
+    "num_categories": lambda v: _check_int("num_categories", int(v), minimum=0),
+}
+_OPTIONAL_FIELDS = {"weights_sha256": _parse_weights_sha256}
+
+
+def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """
+    Read and check an `art_memory.safetensors` file.
+
+    Returns `(config, tensors)`: `config` holds rule, dim, vigilance, beta, alpha, max_categories, num_categories and
+    weights_sha256 (None when the file names no weights); `tensors` the `prototypes` (num_categories, stored_dim),
+    `counts` (num_categories,) and `novelty_histogram` (NOVELTY_BINS,). Anything damaged, truncated, missing or
+    inconsistent raises `ValueError` naming the file and the problem. Only the file's own tensors are allocated,
+    whatever sizes its metadata claims.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+
+    def problem(message: str) -> ValueError:
+        return ValueError(f"{path}: {message}")
+
+    if len(data) < 8:
+        raise problem(f"not a safetensors file (only {len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if 8 + header_len > len(data):
+        raise problem("truncated, or not a safetensors file: its header runs past the end of the file")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (ValueError, RecursionError):  # JSON and UTF-8 decoding errors; nesting deeper than Python's stack
+        header = None
+    if not isinstance(header, dict):
+        raise problem("not a safetensors file: unreadable header")
+    try:
+        tensors = safetensors_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise problem(f"damaged or truncated safetensors file ({exc})") from None
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != ART_FORMAT:
+        raise problem(f"not an ARTMemory file: its metadata has no format={ART_FORMAT!r}")
+    version = metadata.get("format_version")
+    if version == "1":
+        raise problem(
+            "format version 1, whose checksum does not cover the hyperparameters, so they cannot be verified; "
+            f"this code reads version {ART_FORMAT_VERSION} only"
+        )
+    if version != str(ART_FORMAT_VERSION):
+        raise problem(
+            f"unsupported format version {version!r} (this code reads version {ART_FORMAT_VERSION}); upgrade the "
+            "code that reads it"
+        )
+    missing = [key for key in (*_METADATA_FIELDS, "sha256") if key not in metadata]
+    if missing:
+        raise problem(f"metadata lacks {missing}")
+    if _checksum(metadata, _data_section(data)) != metadata["sha256"]:
+        raise problem("checksum mismatch: the metadata or the tensor data is damaged")
+    config = dict.fromkeys(_OPTIONAL_FIELDS)
+    for key, parse in (*_METADATA_FIELDS.items(), *_OPTIONAL_FIELDS.items()):
+        if key not in metadata:
+            continue
+        try:
+            config[key] = parse(metadata[key])
+        except ValueError as exc:
+            raise problem(f"bad metadata {key}={metadata[key]!r}: {exc}") from None
+
+    if sorted(tensors) != ["counts", "novelty_histogram", "prototypes"]:
+        raise problem(f"expected tensors 'prototypes', 'counts' and 'novelty_histogram', found {sorted(tensors)}")
+    histogram = tensors["novelty_histogram"]
+    if histogram.dtype != torch.long or tuple(histogram.shape) != (NOVELTY_BINS,) or histogram.min() < 0:
+        raise problem(
+            f"novelty_histogram is {histogram.dtype} of shape {tuple(histogram.shape)}; expected non-negative int64 "
+            f"counts of shape ({NOVELTY_BINS},)"
+        )
+    prototypes, counts = tensors["prototypes"], tensors["counts"]
+    k = config["num_categories"]
+    expected = (k, ART_RULES[config["rule"]]().stored_dim(config["dim"]))
+    if not prototypes.is_floating_point() or tuple(prototypes.shape) != expected:
+        raise problem(
+            f"prototypes are {prototypes.dtype} of shape {tuple(prototypes.shape)}; expected floats of shape "
+            f"{expected} for {k} categories, rule {config['rule']!r} and dim {config['dim']}"
+        )
+    if counts.dtype != torch.long or tuple(counts.shape) != (k,):
+        raise problem(f"counts are {counts.dtype} of shape {tuple(counts.shape)}; expected int64 of shape ({k},)")
+    if k > config["max_categories"]:
+        raise problem(f"{k} categories exceed max_categories={config['max_categories']}")
+    if k and (counts.min() < 1 or not torch.isfinite(prototypes).all()):
+        raise problem("categories with a count below 1 or non-finite prototypes")
+    if k and config["rule"] == "fuzzy" and (prototypes.min() < 0 or prototypes.max() > 1):
+        raise problem("fuzzy prototypes outside [0, 1]")
+    return config, tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The weights an ART file belongs to: a model saves its weights, then its memory; a kill in between must not leave a
+# pair that loads as one model.
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def saved_weights_sha256(folder: str | os.PathLike, variant: str | None = None) -> dict[str, str]:
+    """sha256 of each weights file a load of `folder` reads, picked as transformers picks them: `model.safetensors`,
+    else the shards its `model.safetensors.index.json` names (with `variant` in the names, as transformers puts it)."""
+
+    def name(base: str) -> str:
+        return base.replace(".safetensors", f".{variant}.safetensors") if variant else base
+
+    files = [name("model.safetensors")]
+    if not os.path.isfile(os.path.join(folder, files[0])):
+        index = os.path.join(folder, name("model.safetensors.index.json"))
+        if not os.path.isfile(index):
+            return {}
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    return {file: file_sha256(os.path.join(folder, file)) for file in files}
+
+
+def check_weights_sha256(art_path: str, weights_sha256: dict[str, str] | None, locate) -> None:
+    """Raise `ValueError` unless each weights file the ART file at `art_path` names is there (`locate(name)` gives
+    its path, or None) with the recorded sha256."""
+    for name, expected in (weights_sha256 or {}).items():
+        path = locate(name)
+        if path is None:
+            raise ValueError(f"{art_path} was saved with {name}, which is missing beside it")
+        if file_sha256(path) != expected:
+            raise ValueError(
+                f"{art_path} belongs to other weights than {path} (sha256 {expected[:12]}... recorded, "
+                f"{file_sha256(path)[:12]}... found): a save was interrupted between the two files, or one was "
+                "replaced; save the model again"
+            )

@@ -1,0 +1,103 @@
+"""Issue 12 item 8: ART output a person can read. Each test does what the user did and reads what they saw."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+
+from modeling_gptb.art_memory import ART_MEMORY_FILE, ARTMemory, ARTStatus, load_art_file
+from modeling_gptb.art_report import art_report, format_art_report
+
+
+def test_an_output_prints_its_statuses_by_name():
+    memory = ARTMemory(3, vigilance=0.9, max_categories=2)
+    out = memory.update(torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]))
+    assert out.status.tolist() == [1, 0, 1, 2]  # the codes stay tensors, for computing with
+    text = repr(out)
+    assert "status=['new', 'resonated', 'new', 'rejected']" in text and "category=[0, 0, 1, -1]" in text
+    assert str(ARTStatus.REJECTED) == "rejected" and f"{ARTStatus(0)}" == "resonated"
+    long = ARTMemory(3).update(torch.rand(100, 3))
+    assert repr(long).count("'") == 2 * 8 and repr(long).endswith(", ... 100 rows)")
+
+
+def novelty_bin(value):
+    return min(int(math.floor(value * 1000)), 1999)  # 2000 bins of 1/1000 over [0, 2]
+
+
+def test_novelty_percentile_places_a_value_among_the_training_rows():
+    memory = ARTMemory(8, vigilance=0.8, max_categories=64)
+    assert math.isnan(float(memory.novelty_percentile(torch.tensor([0.1]))[0]))  # nothing learned yet
+    assert math.isnan(memory.novelty_quantile(0.5))
+    generator = torch.Generator().manual_seed(0)
+    training = torch.cat([memory.update(torch.randn(50, 8, generator=generator)).novelty for _ in range(4)]).tolist()
+    assert int(memory.novelty_histogram.sum()) == len(training) == 200
+    for query in (0.0, 0.05, 0.2, 0.5, 1.0, 1.7):
+        below = sum(novelty_bin(t) < novelty_bin(query) for t in training)
+        same = sum(novelty_bin(t) == novelty_bin(query) for t in training)
+        expected = 100 * (below + same / 2) / len(training)
+        assert float(memory.novelty_percentile(torch.tensor([query]))[0]) == pytest.approx(expected)
+    median = memory.novelty_quantile(0.5)
+    assert sum(t <= median + 0.0005 for t in training) >= 100 and sum(t < median - 0.0005 for t in training) < 100
+    # classify learns nothing, and counts nothing
+    memory.classify(torch.randn(10, 8, generator=generator))
+    assert int(memory.novelty_histogram.sum()) == 200
+
+
+def test_the_training_novelty_travels_with_the_memory(tmp_path):
+    memory = ARTMemory(4, max_categories=8)
+    memory.update(torch.randn(30, 4))
+    memory.save_pretrained(tmp_path)
+    _, tensors = load_art_file(tmp_path / ART_MEMORY_FILE)
+    assert torch.equal(tensors["novelty_histogram"], memory.novelty_histogram)
+    assert torch.equal(ARTMemory.from_pretrained(tmp_path).novelty_histogram, memory.novelty_histogram)
+    assert "novelty_histogram" in memory.state_dict()  # so Trainer's resume keeps it
+    memory.reset()
+    assert not memory.novelty_histogram.any()
+
+
+@pytest.fixture
+def trained():
+    """A tiny GPTB model whose memory learned from a handful of sequences."""
+    model = tiny_model(art_enabled=True, art_vigilance=0.9).train()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model(torch.randint(1, 59, (8, 6), generator=generator))
+    return model.eval()
+
+
+def test_the_report_says_what_a_text_would_do_and_where_its_novelty_sits(trained):
+    tokenizer = tiny_tokenizer()
+    texts = ["w1 w2 w3 w4", "w50 w7 w33 w21 w9"]
+    report = art_report(trained, tokenizer, texts)
+    assert report["vigilance"] == 0.9
+    training = report["training_novelty"]
+    assert list(training) == [0.5, 0.9, 0.99] and training[0.5] <= training[0.9] <= training[0.99]
+    text = format_art_report(report)
+    assert "vigilance 0.9" in text and "novelty of the training sequences: 50th percentile" in text
+    for item in report["texts"]:
+        assert 0 <= item["novelty_percentile"] <= 100
+        if item["status"] == "resonated":
+            assert item["verdict"] == f"resonates with category #{item['category']}"
+        else:
+            assert item["category"] == -1 and item["verdict"].startswith("novel (no category")
+        line = next(line for line in text.splitlines() if repr(item["text"]) in line)
+        assert f"{item['novelty']:.3f}" in line and "percentile" in line and item["verdict"] in line
+        assert "category -1" not in line and "new " not in line
+
+
+def test_a_text_that_would_be_new_says_novel_not_category_minus_one():
+    """The report's row `novelty 0.119  new  category -1`: a classify-mode row that would be new."""
+    model = tiny_model(art_enabled=True, art_vigilance=1.0).train()  # nothing but an exact copy resonates
+    model(torch.randint(1, 59, (4, 6), generator=torch.Generator().manual_seed(1)))
+    report = art_report(model.eval(), tiny_tokenizer(), ["w5 w6 w7"])
+    (item,) = report["texts"]
+    assert item["status"] == "new" and item["verdict"] == "novel (no category)"
+    assert ": novel (no category)  'w5 w6 w7'" in format_art_report(report)
+
+
+def test_a_memory_that_learned_nothing_says_so():
+    model = tiny_model(art_enabled=True).eval()
+    report = art_report(model, tiny_tokenizer(), ["w1 w2"])
+    assert report["training_novelty"] is None and report["texts"][0]["novelty_percentile"] is None
+    assert "(no training novelty recorded): novel (no category)" in format_art_report(report)
