@@ -198,3 +198,30 @@ def test_the_save_pretrained_cards_snippet_runs_from_a_folder_without_a_question
     assert USAGE_PLACEHOLDER in snippet
     proc = run_card_snippet(snippet.replace(USAGE_PLACEHOLDER, str(folder)), tmp_path / "work")
     assert_ran_without_a_question(proc)
+
+
+def test_auto_tokenizer_asks_nothing_where_the_package_is_imported(tmp_path):
+    """With `import modeling_gptb` (the README's way), `AutoTokenizer.from_pretrained(folder)` knows the model type:
+    no remote-code question, no "model of type" warning. (Without the package, transformers 5.24 reads config.json and
+    its auto_map before the tokenizer files, so it must ask: the card loads the tokenizer with
+    PreTrainedTokenizerFast, which reads no config.)"""
+    from conftest import tiny_model
+
+    from modeling_gptb.tokenization import byte_tokenizer
+
+    folder = tmp_path / "my-gptb"
+    tiny_model(vocab_size=258, pad_token_id=1).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    code = (
+        "import modeling_gptb\n"
+        "from transformers import AutoTokenizer\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({str(folder)!r})\n"
+        "print('TOKENS', tokenizer('hello').input_ids)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "TOKENS" in proc.stdout
+    assert "Do you wish" not in output and "model of type" not in output, output
