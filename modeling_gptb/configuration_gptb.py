@@ -5,6 +5,8 @@ This file travels to the Hub as remote code: it imports only the standard librar
 
 from transformers import PretrainedConfig
 
+from .state_update import check_state_update_fields
+
 ART_RULES = ("cosine", "fuzzy")
 ART_POOLINGS = ("mean", "state", "last")
 
@@ -41,6 +43,16 @@ class GPTBConfig(PretrainedConfig):
         rebias (`bool`, defaults to `True`):
             Bidirectional attention inside the window, so the state can read the new token. `False` keeps GPT-2's
             causal mask: the token sits last, so the state can then never read the input (a fidelity control only).
+        state_update (`str`, defaults to `"replace"`):
+            How a step makes the next state from the window's output at the state slots: `"replace"` (the seed's
+            step: the output is the next state) or `"gated"` (a learned read scale and a selective retain gate;
+            exact definition in `state_update.py` and the design doc).
+        state_gate_bias (`float`, defaults to 2.0):
+            `"gated"` only: initial bias of the retain gate (sigmoid(2) = 0.88 of the state kept once the gate is
+            open).
+        state_retain_init (`float`, defaults to 0.0):
+            `"gated"` only: initial gate amplitude; 0 starts exactly as the seed's step (a GPT-2 warm start runs
+            unchanged), 1 starts as a retain gate.
         bptt_steps (`int`, *optional*):
             Truncated backpropagation through time: the state is detached every `bptt_steps` steps of a forward
             call. `None` backpropagates through the whole call.
@@ -97,6 +109,9 @@ class GPTBConfig(PretrainedConfig):
         initializer_range=0.02,
         state_size=32,
         rebias=True,
+        state_update="replace",
+        state_gate_bias=2.0,
+        state_retain_init=0.0,
         bptt_steps=None,
         use_cache=True,
         art_enabled=False,
@@ -129,6 +144,9 @@ class GPTBConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.state_size = state_size
         self.rebias = rebias
+        self.state_update = state_update
+        self.state_gate_bias = state_gate_bias
+        self.state_retain_init = state_retain_init
         self.bptt_steps = bptt_steps
         self.use_cache = use_cache
         self.art_enabled = art_enabled
@@ -196,6 +214,7 @@ class GPTBConfig(PretrainedConfig):
             raise ValueError(f"GPTBConfig.art_pooling must be one of {ART_POOLINGS}, got {self.art_pooling!r}")
         if not isinstance(self.rebias, bool):
             raise ValueError(f"GPTBConfig.rebias must be True or False, got {self.rebias!r}")
+        check_state_update_fields(self)
 
     @classmethod
     def from_gpt2_config(cls, gpt2_config, **overrides):

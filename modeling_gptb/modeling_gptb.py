@@ -24,6 +24,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTStatus
 from .configuration_gptb import GPTBConfig
+from .state_update import GatedStateUpdate, build_state_update
 
 # generate() hands the state over as `cache` from transformers 5.24 on; older versions would silently drop it
 if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
@@ -212,6 +213,11 @@ class GPTBPreTrainedModel(PreTrainedModel):
             for block in module.h:
                 init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
                 init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
+        if isinstance(module, GatedStateUpdate):  # starts as the seed's step when state_retain_init = 0
+            init.ones_(module.read_scale)
+            init.zeros_(module.gate.weight)
+            init.constant_(module.gate.bias, self.config.state_gate_bias)
+            init.constant_(module.retain, self.config.state_retain_init)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -408,6 +414,7 @@ class GPTBModel(GPTBPreTrainedModel):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GPTBBlock(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.state_update = build_state_update(config)
         self.register_buffer("window_positions", torch.arange(config.state_size + 1), persistent=False)
         self.gradient_checkpointing = False
         self.post_init()
@@ -493,9 +500,12 @@ class GPTBModel(GPTBPreTrainedModel):
         for t in range(steps):
             if bptt is not None and t > 0 and t % bptt == 0:
                 state = state.detach()
-            window = torch.cat([state, token_embeds[:, t : t + 1]], dim=1) + positions
+            state_read = state if self.state_update is None else self.state_update.read(state)
+            window = torch.cat([state_read, token_embeds[:, t : t + 1]], dim=1) + positions
             out, per_layer = run_window(window, output_hidden_states)
             new_state = out[:, : self.state_size]
+            if self.state_update is not None:
+                new_state = self.state_update(state, new_state)
             if step_mask is not None:
                 new_state = torch.where(step_mask[:, t, None, None], new_state, state)
             state = new_state

@@ -33,8 +33,9 @@ TOKENS = torch.tensor([[5, 17, 3, 42, 8, 60, 1], [9, 9, 2, 33, 14, 7, 0]])
 
 
 def remote_code_files():
-    """The files `save_pretrained` must copy: the config and modeling files, and the ART memory once it exists."""
-    files = {"configuration_gptb.py", "modeling_gptb.py"}
+    """The files `save_pretrained` must copy: the config and modeling files, the state update, and the ART memory once
+    it exists."""
+    files = {"configuration_gptb.py", "modeling_gptb.py", "state_update.py"}
     if (PACKAGE_DIR / "art_memory.py").exists():
         files.add("art_memory.py")
     return files
