@@ -10,4 +10,4 @@ Run one with `gptb experiment NAME [--preset cpu|gpu|mini] [--seeds N] [--out DI
 - `continual`: forgetting of domain A after training on domain B, plain vs ART gate / coupled loss / both.
 """
 
-EXPERIMENTS = ("sample_efficiency", "novelty", "continual")
+EXPERIMENTS = ("sample_efficiency", "novelty", "continual", "memory")
