@@ -53,6 +53,9 @@ class GPTBConfig(PretrainedConfig):
         state_retain_init (`float`, defaults to 0.0):
             `"gated"` only: initial gate amplitude; 0 starts exactly as the seed's step (a GPT-2 warm start runs
             unchanged), 1 starts as a retain gate.
+        state_read_scale_init (`float`, defaults to 1.0):
+            `"gated"` only: initial scale of the state as it enters the window; 1 is the seed's step, a small value
+            (0.02) lets each token's write count against a state of norm sqrt(n_embd).
         bptt_steps (`int`, *optional*):
             Truncated backpropagation through time: the state is detached every `bptt_steps` steps of a forward
             call. `None` backpropagates through the whole call.
@@ -112,6 +115,7 @@ class GPTBConfig(PretrainedConfig):
         state_update="replace",
         state_gate_bias=2.0,
         state_retain_init=0.0,
+        state_read_scale_init=1.0,
         bptt_steps=None,
         use_cache=True,
         art_enabled=False,
@@ -147,6 +151,7 @@ class GPTBConfig(PretrainedConfig):
         self.state_update = state_update
         self.state_gate_bias = state_gate_bias
         self.state_retain_init = state_retain_init
+        self.state_read_scale_init = state_read_scale_init
         self.bptt_steps = bptt_steps
         self.use_cache = use_cache
         self.art_enabled = art_enabled

@@ -214,7 +214,7 @@ class GPTBPreTrainedModel(PreTrainedModel):
                 init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
                 init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
         if isinstance(module, GatedStateUpdate):  # starts as the seed's step when state_retain_init = 0
-            init.ones_(module.read_scale)
+            init.constant_(module.read_scale, self.config.state_read_scale_init)
             init.zeros_(module.gate.weight)
             init.constant_(module.gate.bias, self.config.state_gate_bias)
             init.constant_(module.retain, self.config.state_retain_init)

@@ -11,9 +11,10 @@ the state slots:
       r       = a * sigmoid(U W + b)
       S'      = r * S + (1 - r) * U
 
-  with s, a, b in R^D and W in R^(D x D). Initialised as s = 1, W = 0, b = `state_gate_bias`, a =
-  `state_retain_init`: at the default a = 0 the step is exactly the seed's (a GPT-2 warm start runs unchanged) and
-  training opens the gate; a = 1 starts as a retain gate of sigmoid(`state_gate_bias`).
+  with s, a, b in R^D and W in R^(D x D). Initialised as s = `state_read_scale_init`, W = 0, b = `state_gate_bias`,
+  a = `state_retain_init`: at the defaults (s = 1, a = 0) the step is exactly the seed's (a GPT-2 warm start runs
+  unchanged) and training opens the gate; a = 1 starts as a retain gate of sigmoid(`state_gate_bias`), and a small s
+  lets the token's write count against a state of norm sqrt(D) (token embeddings start near norm 0.02 sqrt(D)).
 
 This file travels to the Hub as remote code: it imports only torch.
 """
@@ -30,7 +31,7 @@ def check_state_update_fields(config) -> None:
     """Raise a `ValueError` naming a state-update field of `config` outside its allowed values."""
     if config.state_update not in STATE_UPDATES:
         raise ValueError(f"GPTBConfig.state_update must be one of {STATE_UPDATES}, got {config.state_update!r}")
-    for name in ("state_gate_bias", "state_retain_init"):
+    for name in ("state_gate_bias", "state_retain_init", "state_read_scale_init"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"GPTBConfig.{name} must be a finite number, got {value!r}")

@@ -9,14 +9,15 @@ from modeling_gptb import GPTBConfig
 from modeling_gptb.experiments import memory
 from modeling_gptb.experiments.__main__ import main
 from modeling_gptb.experiments.memory_tasks import (
+    DISTRACTORS,
     GO,
     IGNORE,
     KEYS,
-    MARK,
     NOISE,
     QUERY,
     TEST_SEED_BASE,
     VALUES,
+    VOCAB_SIZE,
     held_out_set,
     make_batch,
     train_generator,
@@ -29,20 +30,20 @@ def generator(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def test_recall_marks_the_key_and_asks_for_it_after_exactly_distance_tokens():
+def test_recall_asks_for_the_one_value_after_exactly_distance_distractors():
     batch = make_batch("recall", 200, generator(), distance=10)
-    assert batch.inputs.shape == (200, 25)
+    assert batch.inputs.shape == (200, 24)
     key_positions = set()
     for inputs, targets in zip(batch.inputs, batch.targets, strict=True):
-        (mark,) = (inputs == MARK).nonzero()[:, 0].tolist()
         (query,) = (inputs == QUERY).nonzero()[:, 0].tolist()
+        (key_at,) = (inputs[:query] < VALUES).nonzero()[:, 0].tolist()  # one value before the query
         (scored,) = (targets != IGNORE).nonzero()[:, 0].tolist()
-        key = int(inputs[mark + 1])
-        assert scored == query == mark + 1 + 10 + 1 and targets[query] == key and inputs[query + 1] == key
-        distractors = torch.cat([inputs[:mark], inputs[mark + 2 : query]])
-        assert ((distractors >= 0) & (distractors < VALUES)).all()  # the same values as keys: only MARK tells
-        key_positions.add(mark + 1)
-    assert key_positions == set(range(1, 12))  # the key's position is uniform over [1, distance + 1]
+        key = int(inputs[key_at])
+        assert scored == query == key_at + 10 + 1 and targets[query] == key and inputs[query + 1] == key
+        others = torch.cat([inputs[:key_at], inputs[key_at + 1 : query], inputs[query + 2 :]])
+        assert all(int(t) in DISTRACTORS for t in others)
+        key_positions.add(key_at)
+    assert key_positions == set(range(11))  # the key's position is uniform over [0, distance]
 
 
 def test_mqar_scores_each_repeated_key_with_its_value():
@@ -90,7 +91,7 @@ def test_unknown_task_and_bad_parameters_are_refused():
 
 def test_short_context_sees_only_the_last_tokens_before_each_scored_step():
     p = memory.PRESETS["mini"]
-    model = memory.build_model({"kind": "gpt2", "context": 8}, p, 13).eval()
+    model = memory.build_model({"kind": "gpt2", "context": 8}, p, 12).eval()
     batch = make_batch("mqar", 3, generator(4), pairs=4)  # 16 tokens, scored at 8, 10, 12, 14
     with torch.no_grad():
         windowed = memory.scored_logits(model, batch.inputs, batch.targets, context=8)
@@ -117,7 +118,7 @@ def test_accuracy_counts_top_tokens_at_scored_steps():
         """Looks each repeated key up among the pairs; answers right for odd values, one too high for even ones."""
 
         def forward(self, input_ids):
-            logits = torch.zeros(*input_ids.shape, 36)
+            logits = torch.zeros(*input_ids.shape, VOCAB_SIZE)
             for row, inputs in enumerate(input_ids):
                 pairs = dict(zip(inputs[:4:2].tolist(), inputs[1:4:2].tolist(), strict=True))
                 for t in (4, 6):

@@ -84,6 +84,18 @@ def test_retain_init_one_starts_as_a_retain_gate():
     torch.testing.assert_close(out.past_hidden_states, keep * start + (1 - keep) * window_output)
 
 
+def test_read_scale_init_scales_the_state_the_window_reads():
+    model = tiny_model(state_update="gated", state_read_scale_init=0.02)
+    start = torch.randn(3, 3, 32, generator=torch.Generator().manual_seed(9))
+    seed_model = tiny_model()
+    seed_model.load_state_dict(model.state_dict(), strict=False)
+    ids = tokens(length=1)
+    expected = seed_model(ids, past_hidden_states=0.02 * start)  # retain 0: the next state is the window's output
+    out = model(ids, past_hidden_states=start)
+    torch.testing.assert_close(out.logits, expected.logits)
+    torch.testing.assert_close(out.past_hidden_states, expected.past_hidden_states)
+
+
 def test_gpt2_warm_start_gated_runs_as_the_seed(tmp_path):
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=16))
@@ -139,6 +151,7 @@ def test_gated_trains_with_trainer(tmp_path):
         ("state_update", "gru", "must be one of ('replace', 'gated')"),
         ("state_gate_bias", float("nan"), "state_gate_bias must be a finite number"),
         ("state_retain_init", "1", "state_retain_init must be a finite number"),
+        ("state_read_scale_init", float("inf"), "state_read_scale_init must be a finite number"),
     ],
 )
 def test_bad_state_update_fields_are_refused(field, value, expected):

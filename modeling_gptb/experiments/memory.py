@@ -109,7 +109,7 @@ PRESETS = {
         "models": {
             **_VARIANTS,
             **_BASELINES,
-            "gpt2_ctx64": {"kind": "gpt2", "context": 8},  # shorter than recall_k4's 13 tokens
+            "gpt2_ctx64": {"kind": "gpt2", "context": 8},  # shorter than recall_k4's 12 tokens
         },
     },
 }

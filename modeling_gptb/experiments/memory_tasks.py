@@ -5,9 +5,9 @@ Every task shares one small vocabulary (`VOCAB_SIZE` tokens) and returns a `Task
 is not scored. The answer to a query also follows it in `inputs`, so the same sequences train with the loss at the
 scored positions only or with the full language-modelling loss.
 
-- `recall`: `j` distractors, MARK, key, exactly `distance` distractors, QUERY, key, filler. The key and the
-  distractors come from the same 16 values, so only the MARK before it says which token to keep; `j` is uniform in
-  [0, distance], so the key's position varies as much as the distance it must be kept over. Chance: 1/16.
+- `recall`: `j` distractors, key, exactly `distance` distractors, QUERY, key, filler. The key is one of 16 values,
+  the distractors come from 16 other tokens, so the model must write the one value it sees and keep it; `j` is
+  uniform in [0, distance], so the key's position varies as much as the distance it must be kept over. Chance: 1/16.
 - `mqar`: multi-query associative recall (Zoology, Based, Mamba): `pairs` distinct keys each followed by a value,
   then every key again in random order, each followed by its value; scored at each repeated key. Chance: 1/16.
 - `selective_copy`: `count` values at random positions of `length` NOISE tokens, then `count` GO tokens; scored at
@@ -23,8 +23,9 @@ import torch
 
 VALUES = 16  # token ids 0..15: what is remembered (and the distractors); bits are 0 and 1
 KEYS = range(16, 32)  # MQAR keys
-NOISE, MARK, QUERY, GO = 32, 33, 34, 35
-VOCAB_SIZE = 36
+NOISE, QUERY, GO = 32, 33, 34
+DISTRACTORS = range(35, 51)  # recall's distractors
+VOCAB_SIZE = 51
 IGNORE = -100
 
 # Held-out sequences come from generators seeded at or above this; training seeds stay below it.
@@ -42,14 +43,14 @@ def _values(n: int, length: int, generator: torch.Generator) -> torch.LongTensor
 
 
 def recall(n: int, generator: torch.Generator, distance: int) -> TaskBatch:
-    """[j distractors, MARK, key, `distance` distractors, QUERY, key, filler]: 2·distance + 5 tokens."""
-    length = 2 * distance + 5
-    inputs = _values(n, length, generator)
-    key_at = torch.randint(0, distance + 1, (n,), generator=generator) + 1  # j + 1: the key's position
+    """[j distractors, key, `distance` distractors, QUERY, key, filler]: 2·distance + 4 tokens, scored at QUERY."""
+    length = 2 * distance + 4
+    inputs = torch.randint(DISTRACTORS.start, DISTRACTORS.stop, (n, length), generator=generator)
+    key_at = torch.randint(0, distance + 1, (n,), generator=generator)
     query_at = key_at + distance + 1
     rows = torch.arange(n)
-    keys = inputs[rows, key_at]
-    inputs[rows, key_at - 1] = MARK
+    keys = torch.randint(0, VALUES, (n,), generator=generator)
+    inputs[rows, key_at] = keys
     inputs[rows, query_at] = QUERY
     inputs[rows, query_at + 1] = keys
     targets = torch.full_like(inputs, IGNORE)
