@@ -135,7 +135,7 @@ def test_mini_run_reports_every_task_and_a_loadable_best_config(tmp_path):
     assert main(["memory", "--preset", "mini", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     assert set(data["runs"]) == set(memory.PRESETS["mini"]["tasks"])
-    assert "gpt2_ctx64" in data["runs"]["recall_k4"] and "gpt2_ctx64" not in data["runs"]["mqar_2"]  # 8 tokens
+    assert "gpt2_ctx8" in data["runs"]["recall_k4"] and "gpt2_ctx8" not in data["runs"]["mqar_2"]  # 8 tokens
     for by_model in data["summary"].values():
         for values in by_model.values():
             assert 0.0 <= values["final_accuracy_mean"] <= 1.0 and values["seeds"] == 1
