@@ -142,3 +142,26 @@ def test_mini_run_reports_every_task_and_a_loadable_best_config(tmp_path):
     assert data["best_model"] in {"gptb_gated", "gptb_replace"}
     config = GPTBConfig(**data["best_config"])
     assert config.n_embd == 16 and config.state_update in ("gated", "replace")
+
+
+def test_a_variant_is_recommended_only_when_it_beats_the_seeds_update():
+    tasks = {"a": {"loss": "query"}, "b": {"loss": "query"}, "lm": {"loss": "lm"}}
+    models = {"gptb_gated": {"kind": "gptb"}, "gptb_replace": {"kind": "gptb"}, "gpt2_full": {"kind": "gpt2"}}
+
+    def summary(gated, replace):
+        return {
+            t: {
+                "gptb_gated": {"final_accuracy_mean": gated[i], "solved_seeds": 3 * (gated[i] >= 0.95), "seeds": 3},
+                "gptb_replace": {
+                    "final_accuracy_mean": replace[i],
+                    "solved_seeds": 3 * (replace[i] >= 0.95),
+                    "seeds": 3,
+                },
+                "gpt2_full": {"final_accuracy_mean": 1.0, "solved_seeds": 3, "seeds": 3},
+            }
+            for i, t in enumerate(tasks)
+        }
+
+    assert memory.best_gptb(summary([0.09, 0.07, 1.0], [0.06, 0.07, 0.0]), tasks, models) == "gptb_replace"  # noise
+    assert memory.best_gptb(summary([0.4, 0.3, 0.0], [0.06, 0.07, 1.0]), tasks, models) == "gptb_gated"  # by margin
+    assert memory.best_gptb(summary([1.0, 0.1, 0.0], [0.9, 0.9, 0.0]), tasks, models) == "gptb_gated"  # solves more
