@@ -165,3 +165,16 @@ def test_a_variant_is_recommended_only_when_it_beats_the_seeds_update():
     assert memory.best_gptb(summary([0.09, 0.07, 1.0], [0.06, 0.07, 0.0]), tasks, models) == "gptb_replace"  # noise
     assert memory.best_gptb(summary([0.4, 0.3, 0.0], [0.06, 0.07, 1.0]), tasks, models) == "gptb_gated"  # by margin
     assert memory.best_gptb(summary([1.0, 0.1, 0.0], [0.9, 0.9, 0.0]), tasks, models) == "gptb_gated"  # solves more
+
+
+def test_runs_of_different_tasks_combine_into_one_result(tmp_path):
+    memory.run("mini", [0], tmp_path / "a", tasks=["parity_4"], models=["gptb_replace", "lstm"])
+    memory.run("mini", [0], tmp_path / "b", tasks=["mqar_2"], models=["gptb_replace", "lstm"])
+    combined = memory.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    assert set(combined["runs"]) == {"parity_4", "mqar_2"} == set(combined["summary"])
+    saved = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(combined["runs"])) and saved["best_model"] == "gptb_replace"
+    assert (tmp_path / "all" / "memory.png").exists() and "parity_4" in (tmp_path / "all" / "report.md").read_text()
+    memory.run("mini", [0, 1], tmp_path / "c", tasks=["parity_4"], models=["lstm"])
+    with pytest.raises(ValueError, match="different presets or seeds"):
+        memory.combine([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")

@@ -392,6 +392,7 @@ def fmt(mean: float, std: float, digits: int = 3) -> str:
 def save_results(result: dict, out: Path, plots, report) -> dict:
     """The end of every experiment: check the numbers, then write the plots, the report and results.json."""
     check_finite(result)
+    out.mkdir(parents=True, exist_ok=True)
     plots(result, out)
     report(result, out)
     write_json(out / "results.json", result)

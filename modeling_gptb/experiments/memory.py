@@ -23,6 +23,7 @@ Time, `cpu` preset on 2 shared CPU cores (1 thread): see the `cpu` preset's comm
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -273,7 +274,8 @@ def run(preset: str, seeds: list[int], out: Path, tasks: list[str] | None = None
     task_specs = _subset(p["tasks"], tasks, "task")
     model_specs = _subset(p["models"], models, "model")
     runs: dict[str, dict[str, list[dict]]] = {}
-    for index, (task_name, task_spec) in enumerate(task_specs.items()):
+    for task_name, task_spec in task_specs.items():
+        index = list(p["tasks"]).index(task_name)  # the same held-out set whichever tasks run together
         test = held_out_set(task_spec["task"], p["test_size"], index, **task_spec["params"])
         length = test.inputs.shape[1]
         runs[task_name] = {}
@@ -284,18 +286,31 @@ def run(preset: str, seeds: list[int], out: Path, tasks: list[str] | None = None
                 train_one(task_spec, model_spec, p, seed, test, desc=f"{task_name} {model_name} seed {seed}")
                 for seed in seeds
             ]
+    return _finish(header, out, runs, task_specs, model_specs)
+
+
+def combine(parts: list[Path], out: Path) -> dict:
+    """One result from runs of the same preset and seeds on different tasks (each `run(..., tasks=[...])` into its own
+    folder): the runs merged, the summary and recommendation recomputed, the report and plot written to `out`."""
+    results = [json.loads((Path(part) / "results.json").read_text()) for part in parts]
+    first = results[0]
+    for other in results[1:]:
+        if (other["preset"], other["seeds"]) != (first["preset"], first["seeds"]):
+            raise ValueError(f"runs of different presets or seeds cannot be combined: {parts}")
+    runs = {task: by_model for result in results for task, by_model in result["runs"].items()}
+    p = first["config"]
+    header = common.start_run(NAME, first["preset"], p, first["seeds"])
+    header["started"] -= sum(result["elapsed_s"] for result in results)
+    return _finish(header, out, runs, {t: p["tasks"][t] for t in runs}, p["models"])
+
+
+def _finish(header: dict, out: Path, runs: dict, task_specs: dict, model_specs: dict) -> dict:
     summary = {
         task: {model: _summary(records) for model, records in by_model.items()} for task, by_model in runs.items()
     }
+    best = best_gptb(summary, task_specs, model_specs)
     return common.finish_run(
-        header,
-        out,
-        _plots,
-        _report,
-        runs=runs,
-        summary=summary,
-        best_model=(best := best_gptb(summary, task_specs, model_specs)),
-        best_config=_config_of(runs, best),
+        header, out, _plots, _report, runs=runs, summary=summary, best_model=best, best_config=_config_of(runs, best)
     )
 
 
@@ -327,6 +342,7 @@ def best_gptb(summary: dict, task_specs: dict, model_specs: dict) -> str | None:
         if spec["kind"] == "gptb" and spec.get("overrides", {}).get("rebias", True)
     ]
     query_tasks = [t for t, spec in task_specs.items() if spec["loss"] == "query"]
+    candidates = [m for m in candidates if all(m in summary[t] for t in query_tasks)]
     if not candidates or not query_tasks:
         return None
 
