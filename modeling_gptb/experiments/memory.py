@@ -33,7 +33,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from . import common
-from .memory_tasks import IGNORE, NOISE, VOCAB_SIZE, held_out_set, make_batch, train_generator
+from .memory_tasks import CHANCE, IGNORE, NOISE, VOCAB_SIZE, held_out_set, make_batch, train_generator
 
 NAME = "memory"
 SOLVED = 0.95  # final held-out accuracy that counts a seed as solved
@@ -374,11 +374,13 @@ def _plots(result: dict, out: Path) -> None:
     for ax, task in zip(axes.flat, tasks, strict=False):
         for model, records in result["runs"][task].items():
             common.shaded(ax, records[0]["eval_step"], [r["accuracy"] for r in records], model, marker=".")
+        chance = CHANCE[result["config"]["tasks"][task]["task"]]
+        ax.axhline(chance, color="k", linestyle=":", linewidth=1, label=f"chance ({chance:.3g})")
         ax.set(xlabel="training step", ylabel="held-out accuracy", title=task, ylim=(-0.02, 1.02))
         common.finish_axes(ax, fontsize=7)
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
-    title = f"Memory tasks: accuracy vs steps (mean ± 1 s.d. over {len(result['seeds'])} seed(s))"
+    title = f"Memory tasks: held-out accuracy vs steps\n(mean ± 1 s.d. over {len(result['seeds'])} seed(s))"
     common.save_figure(fig, out / "memory.png", title)
 
 

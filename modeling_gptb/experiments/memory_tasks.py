@@ -93,6 +93,7 @@ def parity(n: int, generator: torch.Generator, length: int) -> TaskBatch:
 
 
 TASKS = {"recall": recall, "mqar": mqar, "selective_copy": selective_copy, "parity": parity}
+CHANCE = {"recall": 1 / VALUES, "mqar": 1 / VALUES, "selective_copy": 1 / VALUES, "parity": 1 / 2}
 
 
 def make_batch(task: str, n: int, generator: torch.Generator, **params) -> TaskBatch:
