@@ -67,9 +67,10 @@ def _recall(k: int, loss: str = "query") -> dict:
 
 
 PRESETS = {
-    # Estimated ~55 min on 2 idle cores at 1 thread (GPTB ~8 ms per window step at batch 64, forward and backward:
-    # 3 GPTB models x 3 seeds x 300 steps x 160 window steps over the six tasks, plus the baselines); several
-    # times that on a shared machine. k = 128 and 512 and the 64-token GPT-2 are in the `gpu` preset.
+    # ~60 min on 2 quiet cores at 1 thread: GPTB costs ~7.6 ms per window step at batch 64, forward and backward
+    # (0.15 s per training step at k = 8, measured; 0.5-1.2 s when five other jobs share the cores), x 160 window
+    # steps over the six tasks x 300 steps x 3 GPTB models x 3 seeds = 55 min, plus ~5 min of baselines and
+    # evaluation. k = 128 and 512 and the 64-token GPT-2 are in the `gpu` preset.
     "cpu": {
         "arch": _ARCH,
         "state_size": 4,
