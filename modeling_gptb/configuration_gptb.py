@@ -8,6 +8,8 @@ import math
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+from .state_update import check_state_update_fields
+
 ART_RULES = ("cosine", "fuzzy")
 ART_POOLINGS = ("mean", "state", "last")
 
@@ -44,6 +46,19 @@ class GPTBConfig(PretrainedConfig):
         rebias (`bool`, defaults to `True`):
             Bidirectional attention inside the window, so the state can read the new token. `False` keeps GPT-2's
             causal mask: the token sits last, so the state can then never read the input (a fidelity control only).
+        state_update (`str`, defaults to `"replace"`):
+            How a step makes the next state from the window's output at the state slots: `"replace"` (the seed's
+            step: the output is the next state) or `"gated"` (a learned read scale and a selective retain gate;
+            exact definition in `state_update.py` and the design doc).
+        state_gate_bias (`float`, defaults to 2.0):
+            `"gated"` only: initial bias of the retain gate (sigmoid(2) = 0.88 of the state kept once the gate is
+            open).
+        state_retain_init (`float`, defaults to 0.0):
+            `"gated"` only: initial gate amplitude; 0 starts exactly as the seed's step (a GPT-2 warm start runs
+            unchanged), 1 starts as a retain gate.
+        state_read_scale_init (`float`, defaults to 1.0):
+            `"gated"` only: initial scale of the state as it enters the window; 1 is the seed's step, a small value
+            (0.02) lets each token's write count against a state of norm sqrt(n_embd).
         bptt_steps (`int`, *optional*):
             Truncated backpropagation through time: the state is detached every `bptt_steps` steps of a forward
             call. `None` backpropagates through the whole call.
@@ -105,6 +120,10 @@ class GPTBConfig(PretrainedConfig):
         initializer_range=0.02,
         state_size=32,
         rebias=True,
+        state_update="replace",
+        state_gate_bias=2.0,
+        state_retain_init=0.0,
+        state_read_scale_init=1.0,
         bptt_steps=None,
         use_cache=True,
         art_enabled=False,
@@ -139,6 +158,10 @@ class GPTBConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.state_size = state_size
         self.rebias = rebias
+        self.state_update = state_update
+        self.state_gate_bias = state_gate_bias
+        self.state_retain_init = state_retain_init
+        self.state_read_scale_init = state_read_scale_init
         self.bptt_steps = bptt_steps
         self.use_cache = use_cache
         self.art_enabled = art_enabled
@@ -227,6 +250,7 @@ class GPTBConfig(PretrainedConfig):
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTBConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        check_state_update_fields(self)
 
     @classmethod
     def from_gpt2_config(cls, gpt2_config, **overrides):

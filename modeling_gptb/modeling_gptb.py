@@ -28,6 +28,7 @@ from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTOutput, ARTStatus
 from .chunked_loss import chunked_causal_lm_loss
 from .configuration_gptb import GPTBConfig
 from .cuda_graphs import DecodeGraphs
+from .state_update import GatedStateUpdate, build_state_update
 from .validation import (
     INDEX_DTYPES,
     ValueChecks,
@@ -237,6 +238,11 @@ class GPTBPreTrainedModel(PreTrainedModel):
             for block in module.h:
                 init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
                 init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
+        if isinstance(module, GatedStateUpdate):  # starts as the seed's step when state_retain_init = 0
+            init.constant_(module.read_scale, self.config.state_read_scale_init)
+            init.zeros_(module.gate.weight)
+            init.constant_(module.gate.bias, self.config.state_gate_bias)
+            init.constant_(module.retain, self.config.state_retain_init)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -401,6 +407,7 @@ class GPTBModel(GPTBPreTrainedModel):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GPTBBlock(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.state_update = build_state_update(config)
         self.register_buffer("window_positions", torch.arange(config.state_size + 1), persistent=False)
         self.gradient_checkpointing = False
         self.post_init()
@@ -512,9 +519,12 @@ class GPTBModel(GPTBPreTrainedModel):
         for t in range(steps):
             if bptt is not None and t > 0 and t % bptt == 0:
                 state = state.detach()
-            window = torch.cat([state, token_embeds[:, t : t + 1]], dim=1) + positions
+            state_read = state if self.state_update is None else self.state_update.read(state)
+            window = torch.cat([state_read, token_embeds[:, t : t + 1]], dim=1) + positions
             out, per_layer, weights = run_window(window, output_hidden_states, output_attentions)
             new_state = out[:, : self.state_size]
+            if self.state_update is not None:
+                new_state = self.state_update(state, new_state)
             if step_mask is not None:
                 new_state = torch.where(step_mask[:, t, None, None], new_state, state)
             state = new_state

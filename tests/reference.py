@@ -32,7 +32,9 @@ def reference_step(params, config, state, token_ids):
         state = get("initial_embeds").expand(batch, M, D)
     state = state.to(torch.float64)
 
-    x = torch.cat([state, get("wte.weight")[token_ids][:, None, :]], dim=1)  # (B, M+1, D), token last
+    gated = getattr(config, "state_update", "replace") == "gated"
+    read = state * get("state_update.read_scale") if gated else state
+    x = torch.cat([read, get("wte.weight")[token_ids][:, None, :]], dim=1)  # (B, M+1, D), token last
     x = x + get("wpe.weight")[: M + 1]
     eps = config.layer_norm_epsilon
     head_dim = D // H
@@ -54,7 +56,12 @@ def reference_step(params, config, state, token_ids):
         x = x + h @ block("mlp.c_proj.weight") + block("mlp.c_proj.bias")
     out = _layer_norm(x, get("ln_f.weight"), get("ln_f.bias"), eps)
     lm_head = p.get("lm_head.weight", get("wte.weight"))
-    return out[:, M] @ lm_head.T, out[:, :M]
+    new_state = out[:, :M]
+    if gated:  # r = a * sigmoid(U W + b); S' = r * S + (1 - r) * U  (nn.Linear keeps W as (out, in))
+        gate = torch.sigmoid(new_state @ get("state_update.gate.weight").T + get("state_update.gate.bias"))
+        retain = get("state_update.retain") * gate
+        new_state = retain * state + (1 - retain) * new_state
+    return out[:, M] @ lm_head.T, new_state
 
 
 def initial_state(params, config, batch):

@@ -13,6 +13,7 @@ EXPECTED = {
     "sample_efficiency": ({"runs", "summary", "config", "seeds", "machine"}, ["curves.png", "ablations.png"]),
     "novelty": ({"per_seed", "summary", "config", "seeds", "machine"}, ["roc.png", "metrics.png"]),
     "continual": ({"runs", "summary", "config", "seeds", "machine"}, ["continual.png"]),
+    "memory": ({"runs", "summary", "config", "seeds", "machine", "best_config"}, ["memory.png"]),
 }
 
 

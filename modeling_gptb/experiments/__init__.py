@@ -8,6 +8,8 @@ Run one with `gptb experiment NAME [--preset cpu|gpu|mini] [--seeds N] [--out DI
   rebias ablations.
 - `novelty`: ART novelty vs nearest-neighbour cosine distance and per-token loss as out-of-domain detectors.
 - `continual`: forgetting of domain A after training on domain B, plain vs ART gate / coupled loss / both.
+- `memory`: recall at a random key position, MQAR, selective copying and parity: GPTB state-update variants vs
+  GPT-2 (full and short context), an LSTM and the `rebias=False` control.
 """
 
-EXPERIMENTS = ("sample_efficiency", "novelty", "continual")
+EXPERIMENTS = ("sample_efficiency", "novelty", "continual", "memory")

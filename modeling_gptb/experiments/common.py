@@ -208,8 +208,12 @@ def train_model(
     eval_every: int = 0,
     desc: str = "train",
     optimizer=None,
+    step_loss: Callable[[torch.nn.Module, torch.device], torch.Tensor] | None = None,
 ) -> dict:
     """AdamW with warm-up + cosine, gradient clipping 1.0; each step one chunk reshaped to (-1, block).
+
+    `step_loss(model, device)`, when given, computes one step's loss instead (its own data, `batches` is then
+    None and `block` is the number of tokens a step reads).
 
     Calls `evaluate()` at step 0, every `eval_every` steps and at the end. Returns a history dict:
     `step`, `tokens`, `train_loss` per step, `eval_step`, `eval_tokens`, `eval` (list of evaluate() dicts),
@@ -219,7 +223,13 @@ def train_model(
     model.to(dev)
     optimizer = optimizer or make_optimizer(model, train)
     history = {"step": [], "tokens": [], "train_loss": [], "eval_step": [], "eval_tokens": [], "eval": []}
-    tokens_per_step = batches.chunks.shape[1]
+    if step_loss is None:
+
+        def step_loss(model, dev):
+            x = batches.next().view(-1, block).to(dev)
+            return model(input_ids=x, labels=x).loss
+
+    tokens_per_step = block if batches is None else batches.chunks.shape[1]
 
     def run_eval(step):
         if evaluate is None:
@@ -235,8 +245,7 @@ def train_model(
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, train["lr"])
-        x = batches.next().view(-1, block).to(dev)
-        loss = model(input_ids=x, labels=x).loss
+        loss = step_loss(model, dev)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -368,6 +377,14 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def summarize(records: list[dict], keys: Iterable[str]) -> dict:
+    """`{key}_mean` and `{key}_std` over the seeds' records (dicts of numbers) for each key."""
+    summary = {}
+    for key in keys:
+        summary[f"{key}_mean"], summary[f"{key}_std"] = mean_std(r[key] for r in records)
+    return summary
+
+
 def fmt(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
@@ -375,10 +392,24 @@ def fmt(mean: float, std: float, digits: int = 3) -> str:
 def save_results(result: dict, out: Path, plots, report) -> dict:
     """The end of every experiment: check the numbers, then write the plots, the report and results.json."""
     check_finite(result)
+    out.mkdir(parents=True, exist_ok=True)
     plots(result, out)
     report(result, out)
     write_json(out / "results.json", result)
     return result
+
+
+def start_run(name: str, preset: str, config: dict, seeds: list[int]) -> dict:
+    """What an experiment runs (its result's first fields) and when it started; `finish_run` completes it."""
+    return {"experiment": name, "preset": preset, "config": config, "seeds": seeds, "started": time.time()}
+
+
+def finish_run(header: dict, out: Path, plots, report, **fields) -> dict:
+    """The result every experiment returns (what ran, where, how long, then `fields`), saved by `save_results`."""
+    header = dict(header)
+    elapsed = time.time() - header.pop("started")
+    result = {**header, "machine": machine(), "elapsed_s": elapsed, **fields}
+    return save_results(result, out, plots, report)
 
 
 def write_json(path: Path, data: dict) -> Path:
@@ -389,6 +420,14 @@ def write_json(path: Path, data: dict) -> Path:
 def write_report(path: Path, title: str, sections: list[str]) -> Path:
     path.write_text(f"# {title}\n\n" + "\n\n".join(s.strip() for s in sections) + "\n")
     return path
+
+
+def experiment_report(out: Path, title: str, result: dict, sections: list[str]) -> Path:
+    """`out/report.md`: the title, the command/seeds/machine/preset header, then `sections`."""
+    header = header_section(
+        result["experiment"], result["preset"], result["seeds"], result["config"], result["elapsed_s"]
+    )
+    return write_report(out / "report.md", title, [header, *sections])
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -404,6 +443,30 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: Path, title: str | None = None) -> None:
+    """Title the figure, lay it out, write it as a PNG and free it."""
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def finish_axes(*axes, legend: bool = True, grid_axis: str = "both", **legend_kwargs) -> None:
+    """A light grid (on `grid_axis`) and, with `legend`, the legend on each of `axes`."""
+    for ax in axes:
+        ax.grid(alpha=0.3, axis=grid_axis)
+        if legend:
+            ax.legend(**legend_kwargs)
+
+
+def bars(ax, names: list[str], summary: dict, key: str, ylabel: str, title: str) -> None:
+    """One bar per name: `summary[name][key_mean]` with `key_std` as error bar."""
+    ax.bar(names, [summary[n][f"{key}_mean"] for n in names], yerr=[summary[n][f"{key}_std"] for n in names])
+    ax.set(ylabel=ylabel, title=title)
+    finish_axes(ax, legend=False, grid_axis="y")
 
 
 def shaded(ax, x, runs: list[list[float]], label: str, **kwargs) -> None:

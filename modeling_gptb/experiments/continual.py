@@ -20,7 +20,6 @@ steps: 12 x (320 x 0.43 + 7) ≈ 1730 s ≈ 29 minutes. Shared machines drift by
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from . import common
@@ -94,7 +93,7 @@ PRESETS = {
 
 def run(preset: str, seeds: list[int], out: Path) -> dict:
     p = PRESETS[preset]
-    started = time.time()
+    header = common.start_run(NAME, preset, p, seeds)
     texts = {d: common.load_texts(d, "train", p["train_chars"]) for d in (p["domain_a"], p["domain_b"])}
     tokenizer = common.make_tokenizer(p["tokenizer"], [t for v in texts.values() for t in v])
     streams = {d: common.token_stream(v, tokenizer) for d, v in texts.items()}
@@ -155,27 +154,17 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
             )
 
     keys = ("a_after_a", "a_after_b", "forgetting", "b_after_a", "b_after_b")
-    summary = {
-        m: {
-            f"{k}_{stat}": value
-            for k in keys
-            for stat, value in zip(("mean", "std"), common.mean_std(r[k] for r in rs), strict=True)
-        }
-        for m, rs in runs.items()
-    }
-    result = {
-        "experiment": NAME,
-        "preset": preset,
-        "config": p,
-        "methods": METHODS,
-        "seeds": seeds,
-        "vocab_size": len(tokenizer),
-        "machine": common.machine(),
-        "elapsed_s": time.time() - started,
-        "runs": runs,
-        "summary": summary,
-    }
-    return common.save_results(result, out, _plots, _report)
+    summary = {m: common.summarize(rs, keys) for m, rs in runs.items()}
+    return common.finish_run(
+        header,
+        out,
+        _plots,
+        _report,
+        methods=METHODS,
+        vocab_size=len(tokenizer),
+        runs=runs,
+        summary=summary,
+    )
 
 
 def _plots(result: dict, out: Path) -> None:
@@ -193,17 +182,17 @@ def _plots(result: dict, out: Path) -> None:
             ylabel=f"held-out loss on {domain} (nats / token)",
             title=f"Loss on {domain}",
         )
-        ax.grid(alpha=0.3)
-        ax.legend()
-    s = result["summary"]
-    names = list(s)
-    axes[2].bar(names, [s[m]["forgetting_mean"] for m in names], yerr=[s[m]["forgetting_std"] for m in names])
-    axes[2].set(ylabel="forgetting: loss on A after B - after A (nats / token)", title="Forgetting (lower is better)")
-    axes[2].grid(alpha=0.3, axis="y")
-    fig.suptitle(f"Continual learning, mean ± 1 s.d. over {len(result['seeds'])} seed(s)")
-    fig.tight_layout()
-    fig.savefig(out / "continual.png", dpi=110)
-    plt.close(fig)
+    common.finish_axes(*axes[:2])
+    common.bars(
+        axes[2],
+        list(result["summary"]),
+        result["summary"],
+        "forgetting",
+        "forgetting: loss on A after B - after A (nats / token)",
+        "Forgetting (lower is better)",
+    )
+    title = f"Continual learning, mean ± 1 s.d. over {len(result['seeds'])} seed(s)"
+    common.save_figure(fig, out / "continual.png", title)
 
 
 def _report(result: dict, out: Path) -> None:
@@ -231,11 +220,11 @@ def _report(result: dict, out: Path) -> None:
             f"- `{m}`: forgetting {s[m]['forgetting_mean'] - plain['forgetting_mean']:+.3f}, loss on B "
             f"{s[m]['b_after_b_mean'] - plain['b_after_b_mean']:+.3f} nats/token vs plain."
         )
-    common.write_report(
-        out / "report.md",
+    common.experiment_report(
+        out,
         "Continual learning: forgetting with and without the ART memory",
+        result,
         [
-            common.header_section(NAME, result["preset"], result["seeds"], p, result["elapsed_s"]),
             f"A = `{p['domain_a']}` for {p['steps_a']} steps, then B = `{p['domain_b']}` for {p['steps_b']} steps "
             f"({p['tokens_per_step']} tokens/step). Methods: `{result['methods']}`.",
             "## Held-out loss, nats/token (mean ± s.d. over seeds)\n\n" + table,

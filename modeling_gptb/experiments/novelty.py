@@ -24,7 +24,6 @@ takes 2.3 s, so ~15 s per seed for the reference sample and three test domains. 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -104,7 +103,7 @@ def nn_cosine_distance(train: torch.Tensor, test: torch.Tensor, chunk: int = 102
 
 def run(preset: str, seeds: list[int], out: Path) -> dict:
     p = PRESETS[preset]
-    started = time.time()
+    header = common.start_run(NAME, preset, p, seeds)
     train_texts = common.load_texts(p["domain_a"], "train", p["train_chars"])
     tokenizer = common.make_tokenizer(p["tokenizer"], train_texts)
     train_stream = common.token_stream(train_texts, tokenizer)
@@ -167,31 +166,14 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
 
     summary = {
         domain: {
-            method: {
-                f"{metric}_{stat}": value
-                for metric in ("auroc", "fpr95")
-                for stat, value in zip(
-                    ("mean", "std"),
-                    common.mean_std(r["metrics"][domain][method][metric] for r in per_seed),
-                    strict=True,
-                )
-            }
+            method: common.summarize([r["metrics"][domain][method] for r in per_seed], ("auroc", "fpr95"))
             for method in METHODS
         }
         for domain in p["other_domains"]
     }
-    result = {
-        "experiment": NAME,
-        "preset": preset,
-        "config": p,
-        "seeds": seeds,
-        "vocab_size": len(tokenizer),
-        "machine": common.machine(),
-        "elapsed_s": time.time() - started,
-        "per_seed": per_seed,
-        "summary": summary,
-    }
-    return common.save_results(result, out, _plots, _report)
+    return common.finish_run(
+        header, out, _plots, _report, vocab_size=len(tokenizer), per_seed=per_seed, summary=summary
+    )
 
 
 def _plots(result: dict, out: Path) -> None:
@@ -211,11 +193,8 @@ def _plots(result: dict, out: Path) -> None:
             ylabel=f"true-positive rate (share of {domain} flagged)",
             title=f"{p['domain_a']} (in) vs {domain} (novel), seed {result['seeds'][0]}",
         )
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=110)
-    plt.close(fig)
+        common.finish_axes(ax, loc="lower right")
+    common.save_figure(fig, out / "roc.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(domains)
@@ -233,12 +212,10 @@ def _plots(result: dict, out: Path) -> None:
     for ax, label in zip(axes, ("AUROC (1 = perfect, 0.5 = chance)", "FPR at 95% TPR (0 = perfect)"), strict=True):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METHODS))], METHODS)
         ax.set(ylabel=label, ylim=(0, 1.05))
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend()
-    fig.suptitle(f"Novelty detection, mean ± 1 s.d. over {len(result['seeds'])} seed(s)")
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=110)
-    plt.close(fig)
+        common.finish_axes(ax, grid_axis="y")
+    common.save_figure(
+        fig, out / "metrics.png", f"Novelty detection, mean ± 1 s.d. over {len(result['seeds'])} seed(s)"
+    )
 
 
 def _report(result: dict, out: Path) -> None:
@@ -259,11 +236,11 @@ def _report(result: dict, out: Path) -> None:
     best = {
         domain: max(methods, key=lambda m: methods[m]["auroc_mean"]) for domain, methods in result["summary"].items()
     }
-    common.write_report(
-        out / "report.md",
+    common.experiment_report(
+        out,
         "Novelty detection: ART memory vs baselines",
+        result,
         [
-            common.header_section(NAME, result["preset"], result["seeds"], p, result["elapsed_s"]),
             f"Trained on `{p['domain_a']}` for {p['steps']} steps x {p['tokens_per_step']} tokens; "
             f"held-out blocks of {p['block']} tokens, {p['test_blocks']} per domain; ART vigilance "
             f"{p['art']['art_vigilance']}, categories after training: {cats}.",

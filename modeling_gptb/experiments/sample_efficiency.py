@@ -24,7 +24,6 @@ rebias=False 0.41, GPT-2 ctx 64 0.06, ctx 256 0.07 -> 2.45 s per step of all six
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from . import common
@@ -107,7 +106,7 @@ def variants(p: dict) -> dict[str, dict]:
 
 def run(preset: str, seeds: list[int], out: Path) -> dict:
     p = PRESETS[preset]
-    started = time.time()
+    header = common.start_run(NAME, preset, p, seeds)
     train_texts = common.load_texts(p["corpus"], "train", p["train_chars"])
     val_texts = common.load_texts(p["corpus"], "validation", p["val_chars"])
     tokenizer = common.make_tokenizer(p["tokenizer"], train_texts)
@@ -160,32 +159,26 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
 
     summary = {}
     for name, seed_runs in runs.items():
-        loss_m, loss_s = common.mean_std(r["eval_loss"][-1] for r in seed_runs)
-        bpb_m, bpb_s = common.mean_std(r["eval_bpb"][-1] for r in seed_runs)
+        finals = [
+            {"final_loss": r["eval_loss"][-1], "final_bpb": r["eval_bpb"][-1], "sec_per_step": r["sec_per_step"]}
+            for r in seed_runs
+        ]
         summary[name] = {
-            "final_loss_mean": loss_m,
-            "final_loss_std": loss_s,
-            "final_bpb_mean": bpb_m,
-            "final_bpb_std": bpb_s,
+            **common.summarize(finals, ("final_loss", "final_bpb", "sec_per_step")),
             "params": seed_runs[0]["params"],
             "train_flops_per_token": seed_runs[0]["train_flops_per_token"],
-            "sec_per_step_mean": common.mean_std(r["sec_per_step"] for r in seed_runs)[0],
         }
-    elapsed = time.time() - started
-    result = {
-        "experiment": NAME,
-        "preset": preset,
-        "config": p,
-        "seeds": seeds,
-        "vocab_size": len(tokenizer),
-        "train_tokens_available": len(train_stream),
-        "eval_targets": int(val_blocks[:, 1:].numel()),
-        "machine": common.machine(),
-        "elapsed_s": elapsed,
-        "runs": runs,
-        "summary": summary,
-    }
-    return common.save_results(result, out, _plots, _report)
+    return common.finish_run(
+        header,
+        out,
+        _plots,
+        _report,
+        vocab_size=len(tokenizer),
+        train_tokens_available=len(train_stream),
+        eval_targets=int(val_blocks[:, 1:].numel()),
+        runs=runs,
+        summary=summary,
+    )
 
 
 def _plots(result: dict, out: Path) -> None:
@@ -203,13 +196,8 @@ def _plots(result: dict, out: Path) -> None:
     axes[1].ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     axes[1].set_title("Loss vs compute")
     axes[2].set(xlabel="training tokens seen (tokens)", ylabel="held-out (bits / byte)", title="Bits per byte")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"GPTB vs GPT-2 (mean ± 1 s.d. over {len(result['seeds'])} seed(s))")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
+    common.finish_axes(*axes)
+    common.save_figure(fig, out / "curves.png", f"GPTB vs GPT-2 (mean ± 1 s.d. over {len(result['seeds'])} seed(s))")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ablations = [n for n in runs if n.startswith("gptb")]
@@ -217,17 +205,18 @@ def _plots(result: dict, out: Path) -> None:
         r = runs[name]
         common.shaded(axes[0], r[0]["eval_tokens"], [x["eval_loss"] for x in r], name, marker="o")
     axes[0].set(xlabel="training tokens seen (tokens)", ylabel="held-out loss (nats / token)", title="Ablations")
-    axes[0].grid(alpha=0.3)
-    axes[0].legend()
-    s = result["summary"]
-    names = list(s)
-    axes[1].bar(names, [s[n]["final_bpb_mean"] for n in names], yerr=[s[n]["final_bpb_std"] for n in names])
-    axes[1].set(ylabel="final held-out (bits / byte)", title="Final held-out bits/byte (± 1 s.d.)")
+    common.finish_axes(axes[0])
+    names = list(result["summary"])
+    common.bars(
+        axes[1],
+        names,
+        result["summary"],
+        "final_bpb",
+        "final held-out (bits / byte)",
+        "Final held-out bits/byte (± 1 s.d.)",
+    )
     axes[1].tick_params(axis="x", rotation=30)
-    axes[1].grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(out / "ablations.png", dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, out / "ablations.png")
 
 
 def _report(result: dict, out: Path) -> None:
@@ -254,11 +243,11 @@ def _report(result: dict, out: Path) -> None:
         "its training FLOPs per token."
     )
     p = result["config"]
-    common.write_report(
-        out / "report.md",
+    common.experiment_report(
+        out,
         "Sample efficiency: GPTB vs GPT-2",
+        result,
         [
-            common.header_section(NAME, result["preset"], result["seeds"], p, result["elapsed_s"]),
             f"Budget: {p['steps']} steps x {p['tokens_per_step']} tokens = {p['steps'] * p['tokens_per_step']:,} "
             f"training tokens (of {result['train_tokens_available']:,} available); vocabulary "
             f"{result['vocab_size']}; held-out: {result['eval_targets']:,} target tokens of `{p['corpus']}` "

@@ -1,0 +1,61 @@
+"""How a GPTB step turns its window's output into the next state (`GPTBConfig.state_update`).
+
+With S the state (M x D), x the token's embedding and U = ln_f(blocks([read(S); x] + wpe))[:M] the window's output at
+the state slots:
+
+- `"replace"` (the seed's step, DESIGN.md §2): read(S) = S and S' = U.
+- `"gated"`: a selective retain gate (GRU/Mamba-style, computed per slot and channel from U) and a learned scale on
+  the state as it enters the window, so the token's write is not drowned by a state of norm sqrt(D):
+
+      read(S) = s * S
+      r       = a * sigmoid(U W + b)
+      S'      = r * S + (1 - r) * U
+
+  with s, a, b in R^D and W in R^(D x D). Initialised as s = `state_read_scale_init`, W = 0, b = `state_gate_bias`,
+  a = `state_retain_init`: at the defaults (s = 1, a = 0) the step is exactly the seed's (a GPT-2 warm start runs
+  unchanged) and training opens the gate; a = 1 starts as a retain gate of sigmoid(`state_gate_bias`), and a small s
+  lets the token's write count against a state of norm sqrt(D) (token embeddings start near norm 0.02 sqrt(D)).
+
+This file travels to the Hub as remote code: it imports only torch.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+STATE_UPDATES = ("replace", "gated")
+
+
+def check_state_update_fields(config) -> None:
+    """Raise a `ValueError` naming a state-update field of `config` outside its allowed values."""
+    if config.state_update not in STATE_UPDATES:
+        raise ValueError(f"GPTBConfig.state_update must be one of {STATE_UPDATES}, got {config.state_update!r}")
+    for name in ("state_gate_bias", "state_retain_init", "state_read_scale_init"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"GPTBConfig.{name} must be a finite number, got {value!r}")
+
+
+class GatedStateUpdate(nn.Module):
+    """`state_update="gated"`: the state's read scale and its retain gate (see the module docstring)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.read_scale = nn.Parameter(torch.ones(config.n_embd))
+        self.gate = nn.Linear(config.n_embd, config.n_embd)
+        self.retain = nn.Parameter(torch.zeros(config.n_embd))
+
+    def read(self, state: torch.Tensor) -> torch.Tensor:
+        """The state as the window sees it."""
+        return state * self.read_scale
+
+    def forward(self, state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The next state from the current one and the window's output at the state slots."""
+        retain = self.retain * torch.sigmoid(self.gate(slots))
+        return slots + retain * (state - slots)
+
+
+def build_state_update(config) -> GatedStateUpdate | None:
+    """The module of `config.state_update`; None for `"replace"`, which has no parameters."""
+    return GatedStateUpdate(config) if config.state_update == "gated" else None

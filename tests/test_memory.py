@@ -1,0 +1,180 @@
+"""The memory benchmark (issue 13 item 1): its task generators, held-out split, short-context windows and baselines."""
+
+import json
+
+import pytest
+import torch
+
+from modeling_gptb import GPTBConfig
+from modeling_gptb.experiments import memory
+from modeling_gptb.experiments.__main__ import main
+from modeling_gptb.experiments.memory_tasks import (
+    DISTRACTORS,
+    GO,
+    IGNORE,
+    KEYS,
+    NOISE,
+    QUERY,
+    TEST_SEED_BASE,
+    VALUES,
+    VOCAB_SIZE,
+    held_out_set,
+    make_batch,
+    train_generator,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_recall_asks_for_the_one_value_after_exactly_distance_distractors():
+    batch = make_batch("recall", 200, generator(), distance=10)
+    assert batch.inputs.shape == (200, 24)
+    key_positions = set()
+    for inputs, targets in zip(batch.inputs, batch.targets, strict=True):
+        (query,) = (inputs == QUERY).nonzero()[:, 0].tolist()
+        (key_at,) = (inputs[:query] < VALUES).nonzero()[:, 0].tolist()  # one value before the query
+        (scored,) = (targets != IGNORE).nonzero()[:, 0].tolist()
+        key = int(inputs[key_at])
+        assert scored == query == key_at + 10 + 1 and targets[query] == key and inputs[query + 1] == key
+        others = torch.cat([inputs[:key_at], inputs[key_at + 1 : query], inputs[query + 2 :]])
+        assert all(int(t) in DISTRACTORS for t in others)
+        key_positions.add(key_at)
+    assert key_positions == set(range(11))  # the key's position is uniform over [0, distance]
+
+
+def test_mqar_scores_each_repeated_key_with_its_value():
+    batch = make_batch("mqar", 50, generator(1), pairs=4)
+    assert batch.inputs.shape == (50, 16)
+    for inputs, targets in zip(batch.inputs, batch.targets, strict=True):
+        keys, values = inputs[:8:2], inputs[1:8:2]
+        assert len(set(keys.tolist())) == 4 and all(k in KEYS for k in keys.tolist())
+        pairs = dict(zip(keys.tolist(), values.tolist(), strict=True))
+        asked = inputs[8::2]
+        assert sorted(asked.tolist()) == sorted(keys.tolist())
+        assert targets[8::2].tolist() == [pairs[k] for k in asked.tolist()] == inputs[9::2].tolist()
+        assert (targets[:8] == IGNORE).all() and (targets[9::2] == IGNORE).all()
+
+
+def test_selective_copy_asks_for_the_values_in_order():
+    batch = make_batch("selective_copy", 30, generator(2), length=12, count=3)
+    for inputs, targets in zip(batch.inputs, batch.targets, strict=True):
+        data = inputs[:12][inputs[:12] != NOISE]
+        assert len(data) == 3 and (inputs[12:] == GO).all()
+        assert targets[12:].tolist() == data.tolist() and (targets[:12] == IGNORE).all()
+
+
+def test_parity_targets_are_running_parities():
+    batch = make_batch("parity", 20, generator(3), length=9)
+    for bits, targets in zip(batch.inputs, batch.targets, strict=True):
+        assert targets.tolist() == [sum(bits[: t + 1].tolist()) % 2 for t in range(9)]
+
+
+def test_held_out_sequences_come_from_seeds_training_never_uses():
+    with pytest.raises(ValueError, match=r"training seeds must be in \[0, 1000000\)"):
+        train_generator(TEST_SEED_BASE)
+    test = held_out_set("recall", 256, 0, distance=32)
+    train = make_batch("recall", 256, train_generator(0), distance=32)
+    assert not any(torch.equal(row, other) for row in test.inputs for other in train.inputs)
+    assert torch.equal(test.inputs, held_out_set("recall", 256, 0, distance=32).inputs)  # the same for every model
+
+
+def test_unknown_task_and_bad_parameters_are_refused():
+    with pytest.raises(ValueError, match="unknown task 'copy'"):
+        make_batch("copy", 2, generator())
+    with pytest.raises(ValueError, match="mqar needs 1 <= pairs <= 16"):
+        make_batch("mqar", 2, generator(), pairs=17)
+
+
+def test_short_context_sees_only_the_last_tokens_before_each_scored_step():
+    p = memory.PRESETS["mini"]
+    model = memory.build_model({"kind": "gpt2", "context": 8}, p, 12).eval()
+    batch = make_batch("mqar", 3, generator(4), pairs=4)  # 16 tokens, scored at 8, 10, 12, 14
+    with torch.no_grad():
+        windowed = memory.scored_logits(model, batch.inputs, batch.targets, context=8)
+        expected = [
+            model(input_ids=batch.inputs[row : row + 1, t - 7 : t + 1]).logits[0, -1]
+            for row in range(3)
+            for t in (8, 10, 12, 14)
+        ]
+    torch.testing.assert_close(windowed, torch.stack(expected))
+
+
+def test_lstm_baseline_matches_gptb_parameters():
+    p = memory.PRESETS["cpu"]
+    gptb = memory.build_model({"kind": "gptb"}, p, 69)
+    lstm = memory.build_model({"kind": "lstm"}, p, 69)
+    n_gptb, n_lstm = (sum(t.numel() for t in m.parameters()) for m in (gptb, lstm))
+    assert abs(n_lstm - n_gptb) / n_gptb < 0.02
+
+
+def test_accuracy_counts_top_tokens_at_scored_steps():
+    batch = make_batch("mqar", 8, generator(5), pairs=2)
+
+    class Oracle(torch.nn.Module):
+        """Looks each repeated key up among the pairs; answers right for odd values, one too high for even ones."""
+
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, VOCAB_SIZE)
+            for row, inputs in enumerate(input_ids):
+                pairs = dict(zip(inputs[:4:2].tolist(), inputs[1:4:2].tolist(), strict=True))
+                for t in (4, 6):
+                    value = pairs[int(inputs[t])]
+                    logits[row, t, value if value % 2 else value + 1] = 1.0
+            return memory.CausalLMOutput(logits=logits)
+
+    scored = batch.targets[batch.targets != IGNORE]
+    expected = float((scored % 2 == 1).float().mean())
+    assert 0 < expected < 1 and memory.accuracy(Oracle(), batch, None, batch_size=3) == expected
+
+
+def test_mini_run_reports_every_task_and_a_loadable_best_config(tmp_path):
+    assert main(["memory", "--preset", "mini", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["runs"]) == set(memory.PRESETS["mini"]["tasks"])
+    assert "gpt2_ctx8" in data["runs"]["recall_k4"] and "gpt2_ctx8" not in data["runs"]["mqar_2"]  # 8 tokens
+    for by_model in data["summary"].values():
+        for values in by_model.values():
+            assert 0.0 <= values["final_accuracy_mean"] <= 1.0 and values["seeds"] == 1
+    assert data["best_model"] in {"gptb_gated", "gptb_replace"}
+    config = GPTBConfig(**data["best_config"])
+    assert config.n_embd == 16 and config.state_update in ("gated", "replace")
+
+
+def test_a_variant_is_recommended_only_when_it_beats_the_seeds_update():
+    tasks = {"a": {"loss": "query"}, "b": {"loss": "query"}, "lm": {"loss": "lm"}}
+    models = {"gptb_gated": {"kind": "gptb"}, "gptb_replace": {"kind": "gptb"}, "gpt2_full": {"kind": "gpt2"}}
+
+    def summary(gated, replace):
+        return {
+            t: {
+                "gptb_gated": {"final_accuracy_mean": gated[i], "solved_seeds": 3 * (gated[i] >= 0.95), "seeds": 3},
+                "gptb_replace": {
+                    "final_accuracy_mean": replace[i],
+                    "solved_seeds": 3 * (replace[i] >= 0.95),
+                    "seeds": 3,
+                },
+                "gpt2_full": {"final_accuracy_mean": 1.0, "solved_seeds": 3, "seeds": 3},
+            }
+            for i, t in enumerate(tasks)
+        }
+
+    assert memory.best_gptb(summary([0.09, 0.07, 1.0], [0.06, 0.07, 0.0]), tasks, models) == "gptb_replace"  # noise
+    assert memory.best_gptb(summary([0.4, 0.3, 0.0], [0.06, 0.07, 1.0]), tasks, models) == "gptb_gated"  # by margin
+    assert memory.best_gptb(summary([1.0, 0.1, 0.0], [0.9, 0.9, 0.0]), tasks, models) == "gptb_gated"  # solves more
+
+
+def test_runs_of_different_tasks_combine_into_one_result(tmp_path):
+    memory.run("mini", [0], tmp_path / "a", tasks=["parity_4"], models=["gptb_replace", "lstm"])
+    memory.run("mini", [0], tmp_path / "b", tasks=["mqar_2"], models=["gptb_replace", "lstm"])
+    combined = memory.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    assert set(combined["runs"]) == {"parity_4", "mqar_2"} == set(combined["summary"])
+    saved = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(combined["runs"])) and saved["best_model"] == "gptb_replace"
+    assert (tmp_path / "all" / "memory.png").exists() and "parity_4" in (tmp_path / "all" / "report.md").read_text()
+    memory.run("mini", [0, 1], tmp_path / "c", tasks=["parity_4"], models=["lstm"])
+    with pytest.raises(ValueError, match="different presets or seeds"):
+        memory.combine([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
