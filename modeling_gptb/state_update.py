@@ -3,7 +3,7 @@
 With S the state (M x D), x the token's embedding and U = ln_f(blocks([read(S); x] + wpe))[:M] the window's output at
 the state slots:
 
-- `"replace"` (the seed's step, DESIGN.md §2): read(S) = S and S' = U.
+- `"replace"` (the seed's step, docs/design.md#the-step): read(S) = S and S' = U.
 - `"gated"`: a selective retain gate (GRU/Mamba-style, computed per slot and channel from U) and a learned scale on
   the state as it enters the window, so the token's write is not drowned by a state of norm sqrt(D):
 
