@@ -19,7 +19,7 @@ def block(containing: str) -> str:
 
 def test_load_generate_and_continue_from_the_returned_cache(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = block("GPTBConfig(vocab_size=50257").replace("max_new_tokens=5000", "max_new_tokens=12")
+    code = block("GPTBConfig(vocab_size=50257").replace("max_new_tokens=500,", "max_new_tokens=12,")
     namespace = {}
     exec(code, namespace)
     first, more = namespace["first"], namespace["more"]
