@@ -15,6 +15,15 @@ the state slots:
   a = `state_retain_init`: at the defaults (s = 1, a = 0) the step is exactly the seed's (a GPT-2 warm start runs
   unchanged) and training opens the gate; a = 1 starts as a retain gate of sigmoid(`state_gate_bias`), and a small s
   lets the token's write count against a state of norm sqrt(D) (token embeddings start near norm 0.02 sqrt(D)).
+- `"residual"`: a learned read scale, a retain amplitude and an additive write from the window's output at the token
+  position h = ln_f(blocks(...))[M], one write per slot:
+
+      read(S) = s * S
+      S'      = a * S + (1 - a) * U + reshape(h W_w + b_w, (M, D))
+
+  with s, a in R^D, W_w in R^(D x MD), b_w in R^(MD); s = `state_read_scale_init`, a = `state_retain_init`,
+  W_w = 0, b_w = 0. At the defaults (s = 1, a = 0) the step is exactly the seed's; a = 1 makes the state a residual
+  stream across steps (S' = S + write, never renormalised by ln_f).
 
 This file travels to the Hub as remote code: it imports only torch.
 """
@@ -24,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-STATE_UPDATES = ("replace", "gated")
+STATE_UPDATES = ("replace", "gated", "residual")
 
 
 def check_state_update_fields(config) -> None:
@@ -50,12 +59,35 @@ class GatedStateUpdate(nn.Module):
         """The state as the window sees it."""
         return state * self.read_scale
 
-    def forward(self, state: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The next state from the current one and the window's output at the state slots."""
+    def forward(self, state: torch.Tensor, slots: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """The next state from the current one and the window's output at the state slots (`token` unused)."""
         retain = self.retain * torch.sigmoid(self.gate(slots))
         return slots + retain * (state - slots)
 
 
-def build_state_update(config) -> GatedStateUpdate | None:
+class ResidualStateUpdate(nn.Module):
+    """`state_update="residual"`: read scale, retain amplitude, a write from the token position (module docstring)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.read_scale = nn.Parameter(torch.ones(config.n_embd))
+        self.retain = nn.Parameter(torch.zeros(config.n_embd))
+        self.write = nn.Linear(config.n_embd, config.state_size * config.n_embd)
+
+    def read(self, state: torch.Tensor) -> torch.Tensor:
+        """The state as the window sees it."""
+        return state * self.read_scale
+
+    def forward(self, state: torch.Tensor, slots: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """The next state from the current one, the window's output at the state slots and at the token `(B, D)`."""
+        write = self.write(token).view(*state.shape)
+        return slots + self.retain * (state - slots) + write
+
+
+def build_state_update(config) -> GatedStateUpdate | ResidualStateUpdate | None:
     """The module of `config.state_update`; None for `"replace"`, which has no parameters."""
-    return GatedStateUpdate(config) if config.state_update == "gated" else None
+    if config.state_update == "gated":
+        return GatedStateUpdate(config)
+    if config.state_update == "residual":
+        return ResidualStateUpdate(config)
+    return None

@@ -32,8 +32,9 @@ def reference_step(params, config, state, token_ids):
         state = get("initial_embeds").expand(batch, M, D)
     state = state.to(torch.float64)
 
-    gated = getattr(config, "state_update", "replace") == "gated"
-    read = state * get("state_update.read_scale") if gated else state
+    update = getattr(config, "state_update", "replace")
+    gated = update == "gated"
+    read = state * get("state_update.read_scale") if update in ("gated", "residual") else state
     x = torch.cat([read, get("wte.weight")[token_ids][:, None, :]], dim=1)  # (B, M+1, D), token last
     x = x + get("wpe.weight")[: M + 1]
     eps = config.layer_norm_epsilon
@@ -61,6 +62,10 @@ def reference_step(params, config, state, token_ids):
         gate = torch.sigmoid(new_state @ get("state_update.gate.weight").T + get("state_update.gate.bias"))
         retain = get("state_update.retain") * gate
         new_state = retain * state + (1 - retain) * new_state
+    if update == "residual":  # S' = a * S + (1 - a) * U + reshape(h W_w + b_w, (M, D)), h the token's output
+        write = out[:, M] @ get("state_update.write.weight").T + get("state_update.write.bias")
+        retain = get("state_update.retain")
+        new_state = retain * state + (1 - retain) * new_state + write.reshape(batch, M, D)
     return out[:, M] @ lm_head.T, new_state
 
 

@@ -148,7 +148,7 @@ def test_gated_trains_with_trainer(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
     [
-        ("state_update", "gru", "must be one of ('replace', 'gated')"),
+        ("state_update", "gru", "must be one of ('replace', 'gated', 'residual')"),
         ("state_gate_bias", float("nan"), "state_gate_bias must be a finite number"),
         ("state_retain_init", "1", "state_retain_init must be a finite number"),
         ("state_read_scale_init", float("inf"), "state_read_scale_init must be a finite number"),
@@ -157,3 +157,72 @@ def test_gated_trains_with_trainer(tmp_path):
 def test_bad_state_update_fields_are_refused(field, value, expected):
     with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         GPTBConfig(**{field: value})
+
+
+# -- state_update="residual" ----------------------------------------------------------------------------------------
+
+RESIDUAL_KEYS = {
+    "transformer.state_update.read_scale",
+    "transformer.state_update.retain",
+    "transformer.state_update.write.weight",
+    "transformer.state_update.write.bias",
+}
+
+
+def residual_model(seed=0, **overrides):
+    """A float64 tiny residual model with every weight (the write's too) random and large."""
+    return randomize(tiny_model(seed, state_update="residual", **overrides), seed=seed).double()
+
+
+def test_residual_step_matches_definition_in_float64():
+    model = residual_model(seed=11)
+    start = torch.randn(3, 3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    out = model(tokens(length=1), past_hidden_states=start)
+    ref_logits, ref_state = reference_step(model.state_dict(), model.config, start, tokens(length=1)[:, 0])
+    torch.testing.assert_close(out.logits[:, 0], ref_logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.past_hidden_states, ref_state, rtol=1e-10, atol=1e-10)
+    update = model.transformer.state_update
+    assert update.write.weight.abs().min() > 0 and update.retain.abs().min() > 0  # every term really counts
+
+
+def test_residual_sequence_with_padding_matches_definition():
+    model = residual_model(seed=13)
+    ids = tokens(seed=13, length=6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 1]])
+    out = model(ids, attention_mask=mask)
+    ref_logits, ref_state = reference_sequence(model.state_dict(), model.config, ids, attention_mask=mask)
+    keep = mask.bool()
+    torch.testing.assert_close(out.logits[keep], ref_logits[keep], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.past_hidden_states, ref_state, rtol=1e-10, atol=1e-10)
+
+
+def test_residual_at_initialisation_is_exactly_the_seeds_step():
+    seed_model = tiny_model(seed=14)
+    residual = tiny_model(seed=14, state_update="residual")
+    missing, unexpected = residual.load_state_dict(seed_model.state_dict(), strict=False)
+    assert set(missing) == RESIDUAL_KEYS and not unexpected
+    ids = tokens(seed=14, length=9)
+    a, b = seed_model(ids), residual(ids)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.past_hidden_states, b.past_hidden_states)
+    update = residual.transformer.state_update
+    assert not update.write.weight.any() and not update.write.bias.any() and not update.retain.any()
+
+
+def test_residual_retain_one_keeps_the_state_until_the_write_learns():
+    model = tiny_model(state_update="residual", state_retain_init=1.0, state_read_scale_init=0.5)
+    start = torch.randn(3, 3, 32, generator=torch.Generator().manual_seed(15))
+    out = model(tokens(length=4), past_hidden_states=start)
+    torch.testing.assert_close(out.past_hidden_states, start)  # a = 1, W_w = 0: S' = S
+    assert torch.equal(model.transformer.state_update.read_scale, torch.full((32,), 0.5))
+
+
+def test_residual_trains_with_trainer(tmp_path):
+    model = tiny_model(state_update="residual").train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if k in RESIDUAL_KEYS}
+    data = [{"input_ids": ids, "labels": ids} for ids in tokens(batch=8, length=6, seed=16)]
+    args = TrainingArguments(
+        tmp_path / "out", max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True
+    )
+    Trainer(model=model, args=args, train_dataset=data).train()
+    after = model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in RESIDUAL_KEYS)  # gradients reach every new parameter
