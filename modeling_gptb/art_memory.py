@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import cached_file
 
+from .art_device_engine import DeviceEngine
 from .art_engine import _score_dtype
 from .art_file import (
     ART_FORMAT,
@@ -53,6 +54,9 @@ from .art_rules import (
     _check_unit,
     to_unit_interval,
 )
+
+# The values of `ARTMemory.engine`: "auto" runs the device engine on CUDA and the block engine elsewhere.
+ART_ENGINES = ("auto", "block", "device")
 
 # What `ARTMemory.from_pretrained` may allocate for a file's buffers unless the caller allows more (1 GiB).
 ART_MAX_BUFFER_BYTES = 2**30
@@ -152,6 +156,9 @@ class ARTMemory(nn.Module):
             plain average of prototype and input; 1.0 for `fuzzy`, fast learning).
         alpha (`float`, defaults to 1e-3): Fuzzy ART's choice parameter (> 0); unused by `cosine`.
         max_categories (`int`, defaults to 1024): capacity. Full memories reject, never overwrite.
+        engine (`str`, defaults to `"auto"`): how `update` computes: `"block"`, the block engine (`art_engine.py`);
+            `"device"`, the engine without host synchronisation (`art_device_engine.py`); `"auto"`, the device engine
+            on CUDA and the block engine elsewhere. The decisions are the same (docs/design.md#the-device-engine).
         device, dtype: of the prototype buffer. `dtype` defaults to float64 where that is torch's default float dtype,
             else float32: a model built under a bf16 or fp16 default (`from_pretrained(..., dtype=torch.bfloat16)`)
             still gets float32 prototypes.
@@ -175,10 +182,12 @@ class ARTMemory(nn.Module):
         alpha: float = 1e-3,
         max_categories: int = 1024,
         *,
+        engine: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        self.engine = engine
         self.dim = _check_int("dim", dim)
         self._rule = ART_RULES[_check_rule(rule)]()
         capacity = _check_int("max_categories", max_categories)
@@ -195,6 +204,8 @@ class ARTMemory(nn.Module):
         self.register_buffer("num_committed", torch.zeros((), device=device, dtype=torch.long))
         self.register_buffer("novelty_histogram", torch.zeros(NOVELTY_BINS, device=device, dtype=torch.long))
         self._warned_full = False
+        self._committed_seen = None
+        self._remember_committed(0)
 
     def _apply(self, fn, recurse=True):
         """Apply `fn` (a move or cast from `.to()`, `.cuda()`, `.half()`, `to_empty()`, ...) to the buffers, without
@@ -247,6 +258,39 @@ class ARTMemory(nn.Module):
     def alpha(self) -> float:
         return self._alpha
 
+    @property
+    def engine(self) -> str:
+        """How `update` computes: "auto", "block" or "device" (see the constructor)."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, value):
+        if value not in ART_ENGINES:
+            raise ValueError(f"engine must be one of {list(ART_ENGINES)}, got {value!r}")
+        self._engine = value
+
+    def _device_engine(self) -> bool:
+        return self.engine == "device" or (self.engine == "auto" and self.weight.is_cuda)
+
+    def _remember_committed(self, value: int) -> None:
+        """Note `num_committed`'s value for the host, keyed by the tensor's storage and version counter: any change
+        made elsewhere (`load_state_dict`, `reset`, ...) bumps the version, so the note is then read again."""
+        self._committed_seen = (self._committed_key(), value)
+
+    def _committed_key(self):
+        tensor = self.num_committed
+        try:
+            return tensor.device, tensor.data_ptr(), tensor._version
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+
+    def _host_committed(self) -> int:
+        """`num_committed` on the host, without a device read where the last update left it as noted."""
+        key = self._committed_key()
+        if key is None or self._committed_seen is None or self._committed_seen[0] != key:
+            self._remember_committed(int(self.num_committed))  # a host sync
+        return self._committed_seen[1]
+
     @alpha.setter
     def alpha(self, value):
         self._alpha = _check_alpha(value)
@@ -287,11 +331,12 @@ class ARTMemory(nn.Module):
     def _params(self) -> dict:
         return {"vigilance": self.vigilance, "beta": self.beta, "alpha": self.alpha}
 
-    def _check_x(self, x) -> torch.Tensor:
+    def _check_x(self, x, check_values: bool = True) -> torch.Tensor:
         """Validate inputs before anything changes; return them as (N, dim) in the score dtype on our device.
 
         Rows with NaN or Inf, or with values the prototypes' dtype cannot hold, are refused: a learned row would store
-        them, and a memory holding Inf is one no file can carry."""
+        them, and a memory holding Inf is one no file can carry. `check_values=False` leaves the values unchecked
+        (shapes and dtypes only) for the device engine, which checks them in its one host read (`_value_report`)."""
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
         if x.dtype == torch.bool or x.is_complex():
@@ -306,21 +351,43 @@ class ARTMemory(nn.Module):
         if x.shape[1] != self.dim:
             raise ValueError(f"ARTMemory inputs must have dim={self.dim} features per row, got {x.shape[1]}")
         x = x.to(device=self.weight.device, dtype=_score_dtype(self.weight.device))
-        if x.numel():
+        if x.numel() and check_values:
             if not torch.isfinite(x.sum()):  # one cheap pass; a NaN or Inf anywhere makes the sum non-finite
                 finite = torch.isfinite(x).all(-1)
                 if not finite.all():
-                    bad = (~finite).nonzero()[0].item()
-                    raise ValueError(f"ARTMemory inputs must be finite, row {bad} holds NaN or Inf")
+                    self._value_error(0, (~finite).nonzero()[0].item())
             dtype = self.weight.dtype
             if not torch.isfinite(x.abs().amax().to(dtype)):  # a value the prototypes' dtype rounds to infinity
-                bad = (~torch.isfinite(x.to(dtype)).all(-1)).nonzero()[0].item()
-                raise ValueError(
-                    f"ARTMemory inputs must fit the prototypes' dtype {dtype} (magnitudes up to "
-                    f"{torch.finfo(dtype).max:g}), row {bad} does not"
-                )
+                self._value_error(1, (~torch.isfinite(x.to(dtype)).all(-1)).nonzero()[0].item())
             self._rule.check_input(x)
         return x
+
+    def _value_report(self, x: torch.Tensor) -> torch.Tensor:
+        """`_check_x`'s value checks as device values, read with the device engine's one host read: the first row
+        holding NaN or Inf and the first the prototypes' dtype cannot hold (-1: none), the least and largest value."""
+
+        def first(bad_rows):
+            return torch.where(bad_rows.any(), bad_rows.int().argmax(), -1)
+
+        low, high = x.aminmax()
+        bad = (~torch.isfinite(x).all(-1), ~torch.isfinite(x.to(self.weight.dtype)).all(-1))
+        return torch.cat([torch.stack([first(bad[0]), first(bad[1])]).to(x.dtype), torch.stack([low, high])])
+
+    def _check_report(self, values: list) -> None:
+        """Raise for what `_value_report` found, as `_check_x` would."""
+        for kind in (0, 1):
+            if values[kind] >= 0:
+                self._value_error(kind, int(values[kind]))
+        self._rule.check_range(values[2], values[3])
+
+    def _value_error(self, kind: int, row: int):
+        if kind == 0:
+            raise ValueError(f"ARTMemory inputs must be finite, row {row} holds NaN or Inf")
+        dtype = self.weight.dtype
+        raise ValueError(
+            f"ARTMemory inputs must fit the prototypes' dtype {dtype} (magnitudes up to {torch.finfo(dtype).max:g}), "
+            f"row {row} does not"
+        )
 
     def _output(self, category, resonated, rejected, similarity, best) -> ARTOutput:
         status = torch.where(
@@ -358,13 +425,18 @@ class ARTMemory(nn.Module):
             raise RuntimeError("ARTMemory.update(sync=True) needs an initialised torch.distributed process group")
         if sync is not False and _distributed() and dist.get_world_size() > 1:
             return self._update_distributed(x)
+        if self._device_engine():
+            return self._update(self._check_x(x, check_values=False), check_values=True)
         return self._update(self._check_x(x))
 
-    def _update(self, x: torch.Tensor) -> ARTOutput:
+    def _update(self, x: torch.Tensor, check_values: bool = False) -> ARTOutput:
+        """Learn from rows checked by `_check_x` (with `check_values`: rows whose values the device engine checks)."""
         n = x.shape[0]
-        start = self.num_categories  # a host sync: the engines size their work with it
         if n == 0:
             return self._no_category_output(0, False)
+        if self._device_engine():
+            return self._update_on_device(x, check_values)
+        start = self.num_categories  # a host sync: the engines size their work with it
         rows = self._rule.prepare_input(x)
         # A working copy (score dtype) of every category this call can reach, plus an overflow row at index `kw` that
         # takes the write of a rejected input. The buffers are written once the call is done.
@@ -380,18 +452,45 @@ class ARTMemory(nn.Module):
         self.weight.index_copy_(0, touched, w.index_select(0, touched).to(self.weight.dtype))
         self.category_counts.index_copy_(0, touched, counts.index_select(0, touched))
         self.num_committed.fill_(steps.committed)
+        return self._finish(steps.target, steps.resonated, steps.similarity, steps.best, kw)
 
-        rejected = steps.target == kw
-        if kw == self.max_categories and not self._warned_full and rejected.any():
+    def _update_on_device(self, x: torch.Tensor, check_values: bool) -> ARTOutput:
+        """`_update` by the device engine: no host sync but its one read (docs/design.md#the-device-engine)."""
+        n, start = x.shape[0], self._host_committed()
+        rows = self._rule.prepare_input(x)
+        kw = min(start + n, self.max_categories)  # as in `_update`: the rows this call can reach, and an overflow row
+        w = rows.new_empty(kw + 1, self.stored_dim)
+        w[:start], w[kw] = self.weight[:start], 0
+        counts = self.category_counts.new_zeros(kw + 1)
+        counts[:start] = self.category_counts[:start]
+        report = self._value_report(x) if check_values else x.new_empty(0)
+        target, resonated, similarity, best, committed, rejected, _ = DeviceEngine(self._rule).update_rows(
+            w, counts, self.num_committed, rows, self._params(), start, report, self._check_report
+        )
+        # Rows below `start` go back as they came (a float64 copy of the buffer's values rounds back to them).
+        self.weight[:committed] = w[:committed].to(self.weight.dtype)
+        self.category_counts[:committed] = counts[:committed]
+        self.num_committed.fill_(committed)
+        self._remember_committed(committed)
+        return self._finish(target, resonated, similarity, best, kw, rejected)
+
+    def _finish(self, target, resonated, similarity, best, kw, any_rejected=None) -> ARTOutput:
+        """The output of an update whose rows went to `target` (kw: rejected); warns at the first rejection."""
+        rejected = target == kw
+        if (
+            kw == self.max_categories
+            and not self._warned_full
+            and (rejected.any() if any_rejected is None else any_rejected)
+        ):
             self._warned_full = True
             warnings.warn(
                 f"ARTMemory is full ({self.max_categories} categories): inputs that resonate with no category are "
                 "rejected (status 'rejected', category -1) and nothing learned is overwritten. Raise max_categories "
                 "or lower the vigilance to keep learning new categories.",
-                stacklevel=3,
+                stacklevel=4,
             )
-        category = torch.where(rejected, -1, steps.target)
-        output = self._output(category, steps.resonated, rejected, steps.similarity, steps.best)
+        category = torch.where(rejected, -1, target)
+        output = self._output(category, resonated, rejected, similarity, best)
         self.novelty_histogram.index_add_(0, _novelty_bins(output.novelty), torch.ones_like(category))
         return output
 
@@ -668,6 +767,7 @@ def _novelty_bins(novelty: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "ART_FORMAT",
+    "ART_ENGINES",
     "ART_FORMAT_VERSION",
     "ART_MAX_BUFFER_BYTES",
     "ART_MEMORY_FILE",

@@ -88,6 +88,9 @@ class ARTRule(BlockEngine):
     def check_input(self, x: torch.Tensor) -> None:
         """Raise `ValueError` for finite inputs the rule cannot take."""
 
+    def check_range(self, low: float, high: float) -> None:
+        """Raise `ValueError` if finite inputs between `low` and `high` are not all ones the rule can take."""
+
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """Turn inputs (n, dim) into what the prototypes are compared with (n, stored_dim)."""
         return x
@@ -136,10 +139,12 @@ class FuzzyRule(ARTRule):
         return 2 * dim
 
     def check_input(self, x):
-        low, high = x.aminmax()
+        self.check_range(*(float(v) for v in x.aminmax()))
+
+    def check_range(self, low, high):
         if low < 0 or high > 1:
             raise ValueError(
-                f"the fuzzy rule needs inputs in [0, 1], got values in [{low.item():g}, {high.item():g}]; map them "
+                f"the fuzzy rule needs inputs in [0, 1], got values in [{low:g}, {high:g}]; map them "
                 "first, e.g. with to_unit_interval(x) (a sigmoid) or to_unit_interval(x, low, high) (fixed bounds)"
             )
 
