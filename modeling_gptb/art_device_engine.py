@@ -38,7 +38,7 @@ def _read_back(values: torch.Tensor) -> list:
 class DeviceEngine:
     """The window-by-window update of `rule` (an `ARTRule`): `update_rows` works with device tensors alone."""
 
-    window, rounds, depth, slack = 64, 2, 4, 0.25
+    window, rounds, depth, slack = 64, 3, 4, 0.25
 
     def __init__(self, rule: BlockEngine):
         self.rule = rule
@@ -58,9 +58,9 @@ class DeviceEngine:
         """
         n, m, kw = rows.shape[0], self.window, w.shape[0] - 1
         state = _State(rows, m, kw, k)
-        steps, left = 0, n
+        steps, left, rate = 0, n, m  # rate: rows done per step, m until a read tells
         while left:  # once, unless the windows queued fell short of the last row (then again for the rest)
-            for _ in range(math.ceil(left / m * (1 + self.slack))):
+            for _ in range(math.ceil(left / rate * (1 + self.slack))):
                 # rows done by the end of this step: at most (steps + 1) * m, so the categories in use fit below
                 self._step(state, w, counts, params, min(k_bound + (steps + 1) * m, kw))
                 steps += 1
@@ -69,6 +69,7 @@ class DeviceEngine:
             if check is not None:
                 check(values[3:])
             left = n - int(values[0])
+            rate = max((n - left) / steps, 1.0)
         return (*(out[:n] for out in state.out), int(values[1]), bool(values[2]), values[3:])
 
     def _step(self, s, w, counts, params, kb):
@@ -81,7 +82,7 @@ class DeviceEngine:
         in_use = torch.arange(kb + 1, device=x.device) < s.k
         start_scores = [
             torch.nn.functional.pad(part, (0, 1)).masked_fill(~in_use, -math.inf)
-            for part in self.rule._scores(x, w[:kb], params)
+            for part in self._scores(x, w[:kb], params)
         ]
         winner, resonated = self._decide(x, w, start_scores, params, None)[:2]
         for _ in range(self.rounds):
@@ -111,6 +112,13 @@ class DeviceEngine:
         for out, value in zip(s.out, (target, guessed, checked[2], checked[3]), strict=True):
             out.index_copy_(0, slot, value)
         s.start = s.start + done
+
+    def _scores(self, x, w, params) -> tuple:
+        """(choice, match) of each row of `x` against each of `w`; for cosine, where both are the cosine, (cosine,):
+        one float64 matmul, not in the row chunks that bound an element-wise rule's scratch."""
+        if self.cosine:
+            return (self.rule.choice(x, w, params)[0],)
+        return self.rule._scores(x, w, params)
 
     def _decide(self, x, w, scores, params, seen):
         """Winner, resonance, similarity and best score of each row from its merged (choice, match) scores."""
@@ -154,7 +162,7 @@ class DeviceEngine:
         )
         touched_before = first_touch[None, :] < chains.j[:, None]
         merged = []
-        for block_start, current in zip(start_scores, self.rule._scores(x, versions, params), strict=True):
+        for block_start, current in zip(start_scores, self._scores(x, versions, params), strict=True):
             scores = block_start.masked_fill(touched_before, -math.inf)
             merged.append(scores.scatter_reduce(1, columns, current.masked_fill(~chains.current, -math.inf), "amax"))
         return merged

@@ -459,8 +459,10 @@ class ARTMemory(nn.Module):
         n, start = x.shape[0], self._host_committed()
         rows = self._rule.prepare_input(x)
         kw = min(start + n, self.max_categories)  # as in `_update`: the rows this call can reach, and an overflow row
-        w = rows.new_empty(kw + 1, self.stored_dim)
-        w[:start], w[kw] = self.weight[:start], 0
+        # zeros past `start`: the engine scores rows that are not categories yet (then masks them), and garbage there
+        # (denormals) would slow every operation down
+        w = rows.new_zeros(kw + 1, self.stored_dim)
+        w[:start] = self.weight[:start]
         counts = self.category_counts.new_zeros(kw + 1)
         counts[:start] = self.category_counts[:start]
         report = self._value_report(x) if check_values else x.new_empty(0)

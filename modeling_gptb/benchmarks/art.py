@@ -156,6 +156,7 @@ def compare_rule(ctx: Context, rule: str, categories: int, updates: int, referen
         "reference_updates": reference_updates,
     }
     result["ratio"] = result["updates_per_s"] / result["reference_updates_per_s"]
+    result.update(compare_engines(memory, start, rows, ctx.device))
     # The rule's unavoidable work alone: scoring every input against every category
     result["floor_s"] = FLOORS[rule](ctx, updates, (categories + categories_after) // 2)
     result["floor_fraction"] = result["floor_s"] / seconds
@@ -164,6 +165,39 @@ def compare_rule(ctx: Context, rule: str, categories: int, updates: int, referen
         cpu_seconds = time_once(lambda: cpu_memory.update(stream), torch.device("cpu"))
         result["cpu_updates_per_s"] = updates / cpu_seconds
     return result
+
+
+def compare_engines(memory: ARTMemory, start: dict, rows: torch.Tensor, device: torch.device) -> dict:
+    """The device engine (no host syncs) against the block engine on the same device: updates/s, interleaved, and
+    whether they decide alike (categories and statuses equal; scores and prototypes within 1e-12: the engines compute
+    a chain of updates within a block differently, docs/design.md#the-device-engine)."""
+    default, outputs, times, prototypes = memory.engine, {}, {"block": [], "device": []}, {}
+    try:
+        for repeat in range(3):
+            for engine in times:
+                memory.engine = engine
+                memory.load_state_dict(start)
+                if repeat == 0:  # warm-up, and the decisions to compare
+                    outputs[engine] = memory.update(rows)
+                    prototypes[engine] = memory.weight.double()
+                else:
+                    times[engine].append(time_once(lambda: memory.update(rows), device))
+    finally:
+        memory.engine = default
+        memory.load_state_dict(start)
+    block, device_out = outputs["block"], outputs["device"]
+    same = torch.equal(block.category, device_out.category) and torch.equal(block.status, device_out.status)
+    gap = max(
+        float((getattr(block, field) - getattr(device_out, field)).abs().max()) for field in ("similarity", "novelty")
+    )
+    gap = max(gap, float((prototypes["block"] - prototypes["device"]).abs().max()))
+    speed = {engine: rows.shape[0] / statistics.median(seconds) for engine, seconds in times.items()}
+    return {
+        "engines_updates_per_s": speed,
+        "device_over_block": speed["device"] / speed["block"],
+        "engines_same_decisions": same and gap <= 1e-12,
+        "engines_max_prototype_difference": gap,
+    }
 
 
 def cosine_floor(ctx: Context, updates: int, categories: int) -> float:
@@ -236,7 +270,19 @@ def run(ctx: Context) -> dict:
                 met=result["identical_decisions"],
             )
         )
-        if ctx.cuda:
+        speed = result["engines_updates_per_s"]
+        rows.append(
+            row(
+                f"{rule}: device engine (no host syncs) vs block engine on this device, updates/s; same outputs",
+                f"{speed['device']:,.0f}",
+                f"{speed['block']:,.0f}",
+                f"{result['device_over_block']:.2f}x; "
+                + ("same" if result["engines_same_decisions"] else "DIFFERENT"),
+                goal="same",
+                met=result["engines_same_decisions"],
+            )
+        )
+        if ctx.cuda:  # the default engine on CUDA is the device engine
             ratio = result["updates_per_s"] / result["cpu_updates_per_s"]
             rows.append(
                 row(
