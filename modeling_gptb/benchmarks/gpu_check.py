@@ -2,11 +2,16 @@
 
     python -m modeling_gptb.benchmarks.gpu_check decode --output OUT      CUDA-graph decoding vs eager, gptb-small
     python -m modeling_gptb.benchmarks.gpu_check train-log LOG --output OUT  tokens/s and MFU of a `gptb train` log
+    python -m modeling_gptb.benchmarks.gpu_check art --output OUT         the ART device engine vs our CPU update
 
 `decode`: on gptb-small's dimensions in bf16 (ART off), generate() with `decode_cuda_graph` must give the eager
 tokens (greedy, sampling with a seed, beam search) and logits within bf16 tolerance; then per-token latency at batch 1
 (and 64), eager vs graph, timed interleaved, and the same with the step's window compiled. The JSON is rewritten
 after each part, so a part cut off by a timeout keeps what the earlier ones measured.
+
+`art`: issue 10's ART goal, >= 10x our CPU update for both rules at dim 768, 1,000 categories, 20,000 updates (the
+benchmark's streams, `benchmarks/art.py`): updates/s of the device engine on the GPU (and of the block engine there),
+of the block engine on the CPU, host reads per call, and whether the GPU gives the CPU's categories and statuses.
 """
 
 import argparse
@@ -14,6 +19,7 @@ import json
 import re
 import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -22,7 +28,8 @@ import torch
 from modeling_gptb import GPTBConfig, GPTBLMHeadModel
 from modeling_gptb.presets import load_model_preset
 
-from .common import time_once
+from . import art as art_bench
+from .common import SIZES, Context, time_once
 from .generate import GRAPH_GOAL_SECONDS, Decoder, graph_twin
 
 BF16_RELATIVE_TOLERANCE = 2**-7  # one bf16 rounding step, relative to the largest logit
@@ -125,6 +132,64 @@ def decode(output: Path) -> int:
     return 0
 
 
+def art(output: Path, updates: int = 20_000, categories: int = 1_000) -> int:
+    from modeling_gptb import art_device_engine
+
+    path = output / "gpu_check_art.json"
+    device = torch.device("cuda")
+    result = {"dim": 768, "categories": categories, "updates": updates, "cpu_threads": torch.get_num_threads()}
+    reads = []
+    read_back = art_device_engine._read_back
+
+    def counted(values):
+        reads.append(1)
+        return read_back(values)
+
+    art_device_engine._read_back = counted
+    for rule in ("cosine", "fuzzy"):
+        result[rule] = run_part(lambda rule=rule: art_rule(rule, updates, categories, device, reads))
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def art_rule(rule: str, updates: int, categories: int, device: torch.device, reads: list) -> dict:
+    ctx = Context(SIZES["gpu"], device)
+    stream, memory, _ = art_bench.build(ctx, rule, categories, updates, device)
+    start = {name: tensor.clone() for name, tensor in memory.state_dict().items()}
+    rows = stream.to(device)
+
+    def timed(engine):
+        memory.engine = engine
+        memory.load_state_dict(start)
+        return time_once(lambda: memory.update(rows), device)
+
+    part = {}
+    for engine in ("device", "block"):
+        timed(engine)  # warm-up
+        reads.clear()
+        seconds = statistics.median(timed(engine) for _ in range(3 if engine == "device" else 1))
+        part[f"gpu_{engine}_updates_per_s"] = updates / seconds
+        if engine == "device":
+            part["device_reads_per_call"] = len(reads) / 3
+    memory.engine = "device"
+    memory.load_state_dict(start)
+    gpu = memory.update(rows)
+    gpu_weight = memory.weight.double().cpu()
+    _, cpu_memory, _ = art_bench.build(ctx, rule, categories, updates, torch.device("cpu"))
+    begin = time.perf_counter()
+    cpu = cpu_memory.update(stream)
+    part["cpu_block_updates_per_s"] = updates / (time.perf_counter() - begin)
+    part["ratio_device_gpu_over_cpu"] = part["gpu_device_updates_per_s"] / part["cpu_block_updates_per_s"]
+    part["goal_met"] = part["ratio_device_gpu_over_cpu"] >= 10
+    part["same_decisions_as_cpu"] = bool(
+        torch.equal(gpu.category.cpu(), cpu.category) and torch.equal(gpu.status.cpu(), cpu.status)
+    )
+    part["max_prototype_difference"] = float((gpu_weight - cpu_memory.weight.double()).abs().max())
+    part["categories_after"] = int(memory.num_committed)
+    return part
+
+
 def run_part(part):
     try:
         return part()
@@ -157,16 +222,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modeling_gptb.benchmarks.gpu_check", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("decode").add_argument("--output", type=Path, required=True)
+    art_parser = commands.add_parser("art")
+    art_parser.add_argument("--output", type=Path, required=True)
+    art_parser.add_argument("--updates", type=int, default=20_000)
     summarize = commands.add_parser("train-log")
     summarize.add_argument("log", type=Path)
     summarize.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
-    if args.command == "decode":
+    if args.command in ("decode", "art"):
         if not torch.cuda.is_available():
-            print("gpu_check: decode needs a CUDA device; torch sees none", file=sys.stderr)
+            print(f"gpu_check: {args.command} needs a CUDA device; torch sees none", file=sys.stderr)
             return 2
-        return decode(args.output)
+        return decode(args.output) if args.command == "decode" else art(args.output, args.updates)
     return train_log(args.log, args.output)
 
 

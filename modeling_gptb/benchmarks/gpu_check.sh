@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 10's GPU checks in one run of about 7 minutes, for a CUDA machine (made for the project's H200).
+# Issue 10's GPU checks in one run of about 9 minutes, for a CUDA machine (made for the project's H200).
 # Run from the project root, with the wheels of ../shared/gpu/fetch-wheels.sh in .whl/ (see ../shared/gpu/README.md):
 #   OUT=/path/for/results bash modeling_gptb/benchmarks/gpu_check.sh
 # Writes under $OUT: gpu_check_decode.json (CUDA-graph decoding vs eager: same tokens, logit gap, per-token latency),
 # gpu_check_train.json (tokens/s and MFU of `gptb train --preset gptb-small --recipe gpu`), gptb-bench-cuda.json/.md
-# (`gptb bench --only generate`, with the CUDA-graph rows), each part's log, nvidia-smi and a memory trace.
+# (`gptb bench --only generate`, with the CUDA-graph rows), gpu_check_art.json (the ART device engine on the GPU vs our
+# CPU update, both rules, dim 768 / 1,000 categories / 20,000 updates), each part's log, nvidia-smi and a memory trace.
 # Each part runs under its own timeout; a part that fails or times out leaves the others' results.
 set -uo pipefail
 OUT=${OUT:-gpu-check-out}
@@ -36,6 +37,9 @@ status train-log $?
 
 timeout 120 python3 -m modeling_gptb.benchmarks --device cuda --only generate --output "$OUT" > "$OUT/bench.log" 2>&1
 status bench-generate $?
+
+timeout 120 python3 -m modeling_gptb.benchmarks.gpu_check art --output "$OUT" > "$OUT/art.log" 2>&1
+status art $?
 
 kill "$MEMORY_TRACE" 2>/dev/null
 rm -rf "$TRAIN_DIR"
