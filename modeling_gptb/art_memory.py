@@ -14,8 +14,8 @@ Rules live in `ART_RULES`, each written as artlib's `BaseART` pieces (`prepare_i
   choice `|I ^ w| / (alpha + |w|)`, match `|I ^ w| / |I|`, learning `w <- beta (I ^ w) + (1 - beta) w`.
 
 The pieces: the rules in `art_rules.py`, the exact batched engine in `art_engine.py`, the same decisions without host
-synchronisation (for GPUs) in `art_device_engine.py`, the file format in `art_file.py`. These files travel to the Hub as remote code: they import only the standard library, torch,
-transformers, safetensors and each other.
+synchronisation (for GPUs) in `art_device_engine.py`, the file format in `art_file.py`. These files travel to the Hub
+as remote code: they import only the standard library, torch, transformers, safetensors and each other.
 """
 
 import enum
