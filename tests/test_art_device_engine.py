@@ -217,7 +217,7 @@ def test_a_memory_changed_from_outside_is_read_again():
 def test_engine_switch():
     assert ART_ENGINES == ("auto", "block", "device")
     memory = ARTMemory(4)
-    assert memory.engine == "auto" and not memory._device_engine()  # auto on a CPU: the block engine
+    assert memory.engine == "auto" and not memory._device_engine()  # auto: the block engine until measured on a GPU
     memory.engine = "device"
     assert memory._device_engine()
     for bad in ("gpu", None, 1):

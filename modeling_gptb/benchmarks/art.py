@@ -282,7 +282,7 @@ def run(ctx: Context) -> dict:
                 met=result["engines_same_decisions"],
             )
         )
-        if ctx.cuda:  # the default engine on CUDA is the device engine
+        if ctx.cuda:  # the default ("auto") engine on the GPU against ours on the CPU
             ratio = result["updates_per_s"] / result["cpu_updates_per_s"]
             rows.append(
                 row(
