@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 from conftest import randomize, tiny_model
+from safetensors.torch import load_file
+from test_train_cli import fresh_accelerate_state, train  # noqa: F401 (an autouse fixture)
 from torch.autograd.graph import saved_tensors_hooks
 
 from modeling_gptb import GPTBConfig
@@ -175,6 +177,17 @@ def test_longer_spans_keep_fewer_bytes_for_the_backward():
     for every in (1, 2, 4, 16):
         states = (math.ceil(steps / every) - 1) * batch * (config.state_size + 1) * config.n_embd * 4
         assert kept[every] == inputs + states, every
+
+
+def test_gptb_train_with_checkpointing_every_k_steps_trains_the_same_weights(tmp_path, capsys):
+    short = ["--max_steps", "2", "--save_steps", "2", "--eval_steps", "2", "--sample_tokens", "1"]
+    assert train(tmp_path / "plain", *short) == 0
+    assert "activation checkpointing" not in capsys.readouterr().out
+    extra = ["--activation_checkpointing", "--set", "checkpoint_every_steps=3"]  # 16-token blocks: spans 3, ..., 3, 1
+    assert train(tmp_path / "checkpointed", *short, *extra) == 0
+    assert "activation checkpointing every 3 step(s)" in capsys.readouterr().out
+    plain, checkpointed = (load_file(tmp_path / run / "model.safetensors") for run in ("plain", "checkpointed"))
+    assert plain.keys() == checkpointed.keys() and all(torch.equal(checkpointed[n], plain[n]) for n in plain)
 
 
 def test_checkpointing_is_off_in_eval_mode():
