@@ -134,6 +134,19 @@ def test_recomputed_spans_draw_the_forwards_dropout_masks(every):
     assert any(not torch.equal(grads[name], plain[1][name]) for name in grads)
 
 
+def test_a_compiled_window_inside_the_spans_gives_the_same_gradients():
+    # aot_eager traces the window through AOTAutograd as inductor does, without needing a C++ compiler
+    model = model_for("gated")
+    ids = tokens()
+    plain = loss_and_grads(model, ids, LEFT_PADDED)
+    model.transformer.compile_step(backend="aot_eager")
+    checkpointing(model, 3)
+    torch._dynamo.utils.counters.clear()
+    compiled = loss_and_grads(model, ids, LEFT_PADDED)
+    assert torch._dynamo.utils.counters["aot_autograd"]["ok"] >= 1 and model.spans_run == 3
+    assert_same(compiled, plain, exact=False)
+
+
 def bytes_kept_for_backward(model, ids):
     """
     Bytes of the distinct storages the forward of the body keeps for the backward, parameters aside: what its
