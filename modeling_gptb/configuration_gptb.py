@@ -63,6 +63,10 @@ class GPTBConfig(PretrainedConfig):
         bptt_steps (`int`, *optional*):
             Truncated backpropagation through time: the state is detached every `bptt_steps` steps of a forward
             call. `None` backpropagates through the whole call.
+        checkpoint_every_steps (`int`, *optional*):
+            With activation checkpointing on (`model.activation_checkpointing_enable()`), in training: keep the state
+            only every `checkpoint_every_steps` steps and recompute that many steps at a time in the backward pass.
+            `None`: every step (the same as 1).
         n_positions (`int`, defaults to 1024):
             Rows of the position table `wpe` (only the first M + 1 are used). Kept at GPT-2's size so GPT-2 weights
             load unchanged.
@@ -126,6 +130,7 @@ class GPTBConfig(PretrainedConfig):
         state_retain_init=0.0,
         state_read_scale_init=1.0,
         bptt_steps=None,
+        checkpoint_every_steps=None,
         use_cache=True,
         art_enabled=False,
         art_rule="cosine",
@@ -164,6 +169,7 @@ class GPTBConfig(PretrainedConfig):
         self.state_retain_init = state_retain_init
         self.state_read_scale_init = state_read_scale_init
         self.bptt_steps = bptt_steps
+        self.checkpoint_every_steps = checkpoint_every_steps
         self.use_cache = use_cache
         self.art_enabled = art_enabled
         self.art_rule = art_rule
@@ -203,7 +209,7 @@ class GPTBConfig(PretrainedConfig):
             positive_int(name)
         if self.n_inner is not None:
             positive_int("n_inner")
-        for name in ("bptt_steps", "loss_chunk_size"):
+        for name in ("bptt_steps", "checkpoint_every_steps", "loss_chunk_size"):
             if getattr(self, name) is not None:
                 positive_int(name)
         if self.n_embd % self.n_head != 0:

@@ -396,6 +396,11 @@ class GPTBPreTrainedModel(PreTrainedModel):
         return render_model_card(self, repo_id=repo_id).content
 
 
+def _join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The spans' outputs as one tensor; a single span (no checkpointing) is returned without a copy."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 class GPTBModel(GPTBPreTrainedModel):
     """
     The recurrent GPT-2 body: embeddings, the learned initial state `initial_embeds`, the blocks and `ln_f`, stepped
@@ -516,35 +521,28 @@ class GPTBModel(GPTBPreTrainedModel):
         state = state.to(device=token_embeds.device, dtype=token_embeds.dtype)
 
         positions = self.wpe(self.window_positions)
-        run_window = self._window
-        if self.gradient_checkpointing and self.training:
-            run_window = self._checkpointed_window
-        bptt = self.config.bptt_steps
+        # With activation checkpointing only the state every `span` steps is kept; each span is recomputed whole in
+        # the backward pass. Without it, one span runs the whole call.
+        checkpointed = self.gradient_checkpointing and self.training
+        span = (self.config.checkpoint_every_steps or 1) if checkpointed else steps
         token_outputs, layer_outputs, attention_outputs = [], [], []
-        for t in range(steps):
-            if bptt is not None and t > 0 and t % bptt == 0:
-                state = state.detach()
-            state_read = state if self.state_update is None else self.state_update.read(state)
-            window = torch.cat([state_read, token_embeds[:, t : t + 1]], dim=1) + positions
-            out, per_layer, weights = run_window(window, output_hidden_states, output_attentions)
-            new_state = out[:, : self.state_size]
-            if self.state_update is not None:
-                new_state = self.state_update(state, new_state, out[:, -1])
-            if step_mask is not None:
-                new_state = torch.where(step_mask[:, t, None, None], new_state, state)
-            state = new_state
-            token_outputs.append(out[:, -1])
-            if output_hidden_states:
-                layer_outputs.append(per_layer)
-            if output_attentions:
-                attention_outputs.append(weights)
+        for start in range(0, steps, span):
+            args = (state, token_embeds[:, start : start + span], positions, step_mask, start)
+            args += (output_hidden_states, output_attentions)
+            if checkpointed:
+                state, tokens, per_layer, weights = self._gradient_checkpointing_func(self._run_steps, *args)
+            else:
+                state, tokens, per_layer, weights = self._run_steps(*args)
+            token_outputs.append(tokens)
+            layer_outputs.append(per_layer)
+            attention_outputs.append(weights)
 
-        last_hidden_state = torch.stack(token_outputs, dim=1)
+        last_hidden_state = _join(token_outputs, dim=1)
         hidden_states = attentions = None
         if output_hidden_states:
-            hidden_states = tuple(torch.stack(layer_outputs, dim=2).unbind(0))
+            hidden_states = tuple(_join(layer_outputs, dim=2).unbind(0))
         if output_attentions:
-            attentions = tuple(torch.stack(attention_outputs, dim=3).unbind(0))  # per layer: (B, H, T, M+1, M+1)
+            attentions = tuple(_join(attention_outputs, dim=3).unbind(0))  # per layer: (B, H, T, M+1, M+1)
         new_cache = GPTBCache(state, consumed + steps) if use_cache else None
 
         if not return_dict:
@@ -557,8 +555,39 @@ class GPTBModel(GPTBPreTrainedModel):
             attentions=attentions,
         )
 
-    def _checkpointed_window(self, window, all_layers, attentions):
-        return self._gradient_checkpointing_func(self._window, window, all_layers, attentions)
+    def _run_steps(self, state, token_embeds, positions, step_mask, start, all_layers, attentions):
+        """
+        The steps `start .. start + k - 1` of a call, for the `k` tokens of `token_embeds` `(B, k, D)`, from `state`.
+        Returns the state after them, the last layer's outputs at the token positions `(B, k, D)`, and with
+        `all_layers` / `attentions` the per-step outputs of `_window` stacked along dimension 2 / 3. One function so
+        activation checkpointing can recompute `k` steps at a time (`config.checkpoint_every_steps`).
+        """
+        bptt = self.config.bptt_steps
+        token_outputs, layer_outputs, attention_outputs = [], [], []
+        for i in range(token_embeds.shape[1]):
+            t = start + i
+            if bptt is not None and t > 0 and t % bptt == 0:
+                state = state.detach()
+            state_read = state if self.state_update is None else self.state_update.read(state)
+            window = torch.cat([state_read, token_embeds[:, i : i + 1]], dim=1) + positions
+            out, per_layer, weights = self._window(window, all_layers, attentions)
+            new_state = out[:, : self.state_size]
+            if self.state_update is not None:
+                new_state = self.state_update(state, new_state, out[:, -1])
+            if step_mask is not None:
+                new_state = torch.where(step_mask[:, t, None, None], new_state, state)
+            state = new_state
+            token_outputs.append(out[:, -1])
+            if all_layers:
+                layer_outputs.append(per_layer)
+            if attentions:
+                attention_outputs.append(weights)
+        return (
+            state,
+            torch.stack(token_outputs, dim=1),
+            torch.stack(layer_outputs, dim=2) if all_layers else None,
+            torch.stack(attention_outputs, dim=3) if attentions else None,
+        )
 
     # -- input checks: a clear error before any work -------------------------------------------------------------
 

@@ -89,6 +89,7 @@ class TrainArgs:
     stop_after_step: int | None = None
     num_threads: int | None = None
     compile: bool = False  # torch.compile each step's window (GPUs; see GPTBModel.compile_step)
+    activation_checkpointing: bool = False  # recompute the steps in backward; spans of config.checkpoint_every_steps
     peak_tflops: float | None = None  # the peak MFU is measured against (default: a table of GPUs)
     overwrite_output_dir: bool = False
     allow_inexact_resume: bool = False
@@ -521,6 +522,10 @@ def train(args: TrainArgs) -> dict:
     model = build_model(args, model_preset, tokenizer)
     if args.compile:
         model.transformer.compile_step()
+    recompute = ""
+    if args.activation_checkpointing:
+        model.activation_checkpointing_enable()
+        recompute = f"; activation checkpointing every {model.config.checkpoint_every_steps or 1} step(s)"
     if accelerator.device.type == "cpu":
         # A small model's step is many tiny ops: thread-pool hand-offs cost more than they save (3x on gptb-tiny).
         torch.set_num_threads(args.num_threads or (1 if model.config.n_embd < 512 else torch.get_num_threads()))
@@ -528,7 +533,7 @@ def train(args: TrainArgs) -> dict:
         f"GPTB {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, state {model.config.state_size} "
         f"x {model.config.n_embd}; {len(train_set)} training blocks of {args.block_size} tokens from {data_source}; "
         f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}, "
-        f"{torch.get_num_threads()} CPU thread(s) each"
+        f"{torch.get_num_threads()} CPU thread(s) each{recompute}"
     )
 
     # Each loader draws its per-iterator seed from its own generator, so the global one feeds dropout alone: a resumed
@@ -738,6 +743,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         parser.add_argument(f"--{name}", type=float)
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile each step's window")
+    parser.add_argument(
+        "--activation_checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute the steps in the backward pass, --set checkpoint_every_steps=K at a time (less memory)",
+    )
     parser.add_argument("--peak_tflops", type=float, help="the peak for MFU in the log (default: known GPUs)")
     parser.add_argument(
         "--resume", nargs="?", const="latest", help="continue from the latest (or the given) checkpoint"
