@@ -28,7 +28,7 @@ from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTOutput, ARTStatus
 from .chunked_loss import chunked_causal_lm_loss
 from .configuration_gptb import GPTBConfig
 from .cuda_graphs import DecodeGraphs
-from .state_update import GatedStateUpdate, ResidualStateUpdate, build_state_update
+from .state_update import GatedStateUpdate, ResidualStateUpdate, SelectiveStateUpdate, build_state_update
 from .validation import (
     INDEX_DTYPES,
     ValueChecks,
@@ -243,6 +243,13 @@ class GPTBPreTrainedModel(PreTrainedModel):
             init.zeros_(module.gate.weight)
             init.constant_(module.gate.bias, self.config.state_gate_bias)
             init.constant_(module.retain, self.config.state_retain_init)
+        if isinstance(module, SelectiveStateUpdate):
+            init.constant_(module.read_scale, self.config.state_read_scale_init)
+            init.constant_(module.retain, self.config.state_retain_init)
+            init.zeros_(module.write.weight)
+            init.zeros_(module.write.bias)
+            init.zeros_(module.gate.weight)
+            init.constant_(module.gate.bias, self.config.state_gate_bias)
         if isinstance(module, ResidualStateUpdate):  # starts as the seed's step when state_retain_init = 0
             init.constant_(module.read_scale, self.config.state_read_scale_init)
             init.constant_(module.retain, self.config.state_retain_init)
@@ -529,7 +536,7 @@ class GPTBModel(GPTBPreTrainedModel):
             out, per_layer, weights = run_window(window, output_hidden_states, output_attentions)
             new_state = out[:, : self.state_size]
             if self.state_update is not None:
-                new_state = self.state_update(state, new_state, out[:, -1])
+                new_state = self.state_update(state, new_state, out[:, -1], token_embeds[:, t])
             if step_mask is not None:
                 new_state = torch.where(step_mask[:, t, None, None], new_state, state)
             state = new_state

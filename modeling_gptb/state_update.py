@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-STATE_UPDATES = ("replace", "gated", "residual")
+STATE_UPDATES = ("replace", "gated", "residual", "selective")
 
 
 def check_state_update_fields(config) -> None:
@@ -59,8 +59,8 @@ class GatedStateUpdate(nn.Module):
         """The state as the window sees it."""
         return state * self.read_scale
 
-    def forward(self, state: torch.Tensor, slots: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        """The next state from the current one and the window's output at the state slots (`token` unused)."""
+    def forward(self, state, slots, token, token_in) -> torch.Tensor:
+        """The next state from the current one and the window's output at the state slots (`token*` unused)."""
         retain = self.retain * torch.sigmoid(self.gate(slots))
         return slots + retain * (state - slots)
 
@@ -78,10 +78,30 @@ class ResidualStateUpdate(nn.Module):
         """The state as the window sees it."""
         return state * self.read_scale
 
-    def forward(self, state: torch.Tensor, slots: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    def forward(self, state, slots, token, token_in) -> torch.Tensor:
         """The next state from the current one, the window's output at the state slots and at the token `(B, D)`."""
         write = self.write(token).view(*state.shape)
         return slots + self.retain * (state - slots) + write
+
+
+class SelectiveStateUpdate(nn.Module):
+    """`state_update="selective"`: the residual write, let in per slot by a gate that reads the input token."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.read_scale = nn.Parameter(torch.ones(config.n_embd))
+        self.retain = nn.Parameter(torch.zeros(config.n_embd))
+        self.write = nn.Linear(config.n_embd, config.state_size * config.n_embd)
+        self.gate = nn.Linear(config.n_embd, config.state_size)
+
+    def read(self, state: torch.Tensor) -> torch.Tensor:
+        """The state as the window sees it."""
+        return state * self.read_scale
+
+    def forward(self, state, slots, token, token_in) -> torch.Tensor:
+        """The next state; the write comes from the token's output `token`, its gate from its embedding `token_in`."""
+        write = self.write(token).view(*state.shape)
+        return slots + self.retain * (state - slots) + torch.sigmoid(self.gate(token_in))[..., None] * write
 
 
 def build_state_update(config) -> GatedStateUpdate | ResidualStateUpdate | None:
@@ -90,4 +110,6 @@ def build_state_update(config) -> GatedStateUpdate | ResidualStateUpdate | None:
         return GatedStateUpdate(config)
     if config.state_update == "residual":
         return ResidualStateUpdate(config)
+    if config.state_update == "selective":
+        return SelectiveStateUpdate(config)
     return None
