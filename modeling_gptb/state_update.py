@@ -25,8 +25,8 @@ the state slots:
   W_w = 0, b_w = 0. At the defaults (s = 1, a = 0) the step is exactly the seed's; a = 1 makes the state a residual
   stream across steps (S' = S + write, never renormalised by ln_f).
 - `"selective"`: the `"residual"` write let in per slot by a gate that reads the input token x (its embedding
-  wte(token) [+ wte(token_type)], before positions), Mamba-style selectivity, so a distractor can learn to write
-  nothing and a key is held for long distances:
+  wte(token) [+ wte(token_type)], before positions), Mamba-style selectivity: a distractor can learn to write
+  nothing, so that a key can be held over long distances:
 
       read(S) = s * S
       z       = sigmoid(x W_g + b_g)                        (one gate per slot, in (0, 1)^M)
