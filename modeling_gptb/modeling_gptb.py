@@ -28,7 +28,13 @@ from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTOutput, ARTStatus
 from .chunked_loss import chunked_causal_lm_loss
 from .configuration_gptb import GPTBConfig
 from .cuda_graphs import DecodeGraphs
-from .state_update import GatedStateUpdate, ResidualStateUpdate, build_state_update
+from .state_update import (
+    GatedStateUpdate,
+    ResidualStateUpdate,
+    SelectiveStateUpdate,
+    StateUpdate,
+    build_state_update,
+)
 from .validation import (
     INDEX_DTYPES,
     ValueChecks,
@@ -238,14 +244,14 @@ class GPTBPreTrainedModel(PreTrainedModel):
             for block in module.h:
                 init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
                 init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
-        if isinstance(module, GatedStateUpdate):  # starts as the seed's step when state_retain_init = 0
+        # Every variant starts as the seed's step at the defaults: s = 1, a = 0 and a zero write.
+        if isinstance(module, StateUpdate):
             init.constant_(module.read_scale, self.config.state_read_scale_init)
+            init.constant_(module.retain, self.config.state_retain_init)
+        if isinstance(module, (GatedStateUpdate, SelectiveStateUpdate)):
             init.zeros_(module.gate.weight)
             init.constant_(module.gate.bias, self.config.state_gate_bias)
-            init.constant_(module.retain, self.config.state_retain_init)
-        if isinstance(module, ResidualStateUpdate):  # starts as the seed's step when state_retain_init = 0
-            init.constant_(module.read_scale, self.config.state_read_scale_init)
-            init.constant_(module.retain, self.config.state_retain_init)
+        if isinstance(module, ResidualStateUpdate):  # also the selective variant's write
             init.zeros_(module.write.weight)
             init.zeros_(module.write.bias)
 
@@ -573,7 +579,7 @@ class GPTBModel(GPTBPreTrainedModel):
             out, per_layer, weights = self._window(window, all_layers, attentions)
             new_state = out[:, : self.state_size]
             if self.state_update is not None:
-                new_state = self.state_update(state, new_state, out[:, -1])
+                new_state = self.state_update(state, new_state, out[:, -1], token_embeds[:, i])
             if step_mask is not None:
                 new_state = torch.where(step_mask[:, t, None, None], new_state, state)
             state = new_state

@@ -24,6 +24,16 @@ the state slots:
   with s, a in R^D, W_w in R^(D x MD), b_w in R^(MD); s = `state_read_scale_init`, a = `state_retain_init`,
   W_w = 0, b_w = 0. At the defaults (s = 1, a = 0) the step is exactly the seed's; a = 1 makes the state a residual
   stream across steps (S' = S + write, never renormalised by ln_f).
+- `"selective"`: the `"residual"` write let in per slot by a gate that reads the input token x (its embedding
+  wte(token) [+ wte(token_type)], before positions), Mamba-style selectivity: a distractor can learn to write
+  nothing, so that a key can be held over long distances:
+
+      read(S) = s * S
+      z       = sigmoid(x W_g + b_g)                        (one gate per slot, in (0, 1)^M)
+      S'      = a * S + (1 - a) * U + z[:, None] * reshape(h W_w + b_w, (M, D))
+
+  with s, a, W_w, b_w as in `"residual"`, W_g in R^(D x M), b_g in R^M; W_g = 0, b_g = `state_gate_bias`, the rest
+  initialised as in `"residual"`: at the defaults (s = 1, a = 0, write 0) the step is exactly the seed's.
 
 This file travels to the Hub as remote code: it imports only torch.
 """
@@ -33,7 +43,7 @@ import math
 import torch
 from torch import nn
 
-STATE_UPDATES = ("replace", "gated", "residual")
+STATE_UPDATES = ("replace", "gated", "residual", "selective")
 
 
 def check_state_update_fields(config) -> None:
@@ -46,48 +56,61 @@ def check_state_update_fields(config) -> None:
             raise ValueError(f"GPTBConfig.{name} must be a finite number, got {value!r}")
 
 
-class GatedStateUpdate(nn.Module):
-    """`state_update="gated"`: the state's read scale and its retain gate (see the module docstring)."""
+class StateUpdate(nn.Module):
+    """What every variant has: the read scale s and the retain amplitude a, both `(D,)`."""
 
     def __init__(self, config):
         super().__init__()
         self.read_scale = nn.Parameter(torch.ones(config.n_embd))
-        self.gate = nn.Linear(config.n_embd, config.n_embd)
         self.retain = nn.Parameter(torch.zeros(config.n_embd))
 
     def read(self, state: torch.Tensor) -> torch.Tensor:
         """The state as the window sees it."""
         return state * self.read_scale
 
-    def forward(self, state: torch.Tensor, slots: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        """The next state from the current one and the window's output at the state slots (`token` unused)."""
+
+class GatedStateUpdate(StateUpdate):
+    """`state_update="gated"`: the state's read scale and its retain gate (see the module docstring)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, state, slots, token, token_in) -> torch.Tensor:
+        """The next state from the current one and the window's output at the state slots (`token*` unused)."""
         retain = self.retain * torch.sigmoid(self.gate(slots))
         return slots + retain * (state - slots)
 
 
-class ResidualStateUpdate(nn.Module):
+class ResidualStateUpdate(StateUpdate):
     """`state_update="residual"`: read scale, retain amplitude, a write from the token position (module docstring)."""
 
     def __init__(self, config):
-        super().__init__()
-        self.read_scale = nn.Parameter(torch.ones(config.n_embd))
-        self.retain = nn.Parameter(torch.zeros(config.n_embd))
+        super().__init__(config)
         self.write = nn.Linear(config.n_embd, config.state_size * config.n_embd)
 
-    def read(self, state: torch.Tensor) -> torch.Tensor:
-        """The state as the window sees it."""
-        return state * self.read_scale
+    def written(self, token: torch.Tensor, token_in: torch.Tensor) -> torch.Tensor:
+        """What the step adds to the state, `(B, M, D)`, from the token position's output `token` `(B, D)`."""
+        return self.write(token).unflatten(-1, (-1, token.shape[-1]))
 
-    def forward(self, state: torch.Tensor, slots: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    def forward(self, state, slots, token, token_in) -> torch.Tensor:
         """The next state from the current one, the window's output at the state slots and at the token `(B, D)`."""
-        write = self.write(token).view(*state.shape)
-        return slots + self.retain * (state - slots) + write
+        return slots + self.retain * (state - slots) + self.written(token, token_in)
 
 
-def build_state_update(config) -> GatedStateUpdate | ResidualStateUpdate | None:
+class SelectiveStateUpdate(ResidualStateUpdate):
+    """`state_update="selective"`: the residual write, let in per slot by a gate that reads the input token."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = nn.Linear(config.n_embd, config.state_size)
+
+    def written(self, token: torch.Tensor, token_in: torch.Tensor) -> torch.Tensor:
+        """The residual write, scaled per slot by sigmoid(x W_g + b_g) of the token's input embedding `token_in`."""
+        return torch.sigmoid(self.gate(token_in))[..., None] * super().written(token, token_in)
+
+
+def build_state_update(config) -> StateUpdate | None:
     """The module of `config.state_update`; None for `"replace"`, which has no parameters."""
-    if config.state_update == "gated":
-        return GatedStateUpdate(config)
-    if config.state_update == "residual":
-        return ResidualStateUpdate(config)
-    return None
+    variants = {"gated": GatedStateUpdate, "residual": ResidualStateUpdate, "selective": SelectiveStateUpdate}
+    return variants[config.state_update](config) if config.state_update in variants else None

@@ -34,8 +34,9 @@ def reference_step(params, config, state, token_ids):
 
     update = getattr(config, "state_update", "replace")
     gated = update == "gated"
-    read = state * get("state_update.read_scale") if update in ("gated", "residual") else state
-    x = torch.cat([read, get("wte.weight")[token_ids][:, None, :]], dim=1)  # (B, M+1, D), token last
+    read = state * get("state_update.read_scale") if update != "replace" else state
+    token_in = get("wte.weight")[token_ids]  # x, the token's input embedding (before positions)
+    x = torch.cat([read, token_in[:, None, :]], dim=1)  # (B, M+1, D), token last
     x = x + get("wpe.weight")[: M + 1]
     eps = config.layer_norm_epsilon
     head_dim = D // H
@@ -62,10 +63,15 @@ def reference_step(params, config, state, token_ids):
         gate = torch.sigmoid(new_state @ get("state_update.gate.weight").T + get("state_update.gate.bias"))
         retain = get("state_update.retain") * gate
         new_state = retain * state + (1 - retain) * new_state
-    if update == "residual":  # S' = a * S + (1 - a) * U + reshape(h W_w + b_w, (M, D)), h the token's output
+    if update in ("residual", "selective"):
+        # S' = a * S + (1 - a) * U + reshape(h W_w + b_w, (M, D)), h the token position's output
         write = out[:, M] @ get("state_update.write.weight").T + get("state_update.write.bias")
+        write = write.reshape(batch, M, D)
+        if update == "selective":  # the write times z = sigmoid(x W_g + b_g), one gate per slot
+            z = torch.sigmoid(token_in @ get("state_update.gate.weight").T + get("state_update.gate.bias"))
+            write = z[:, :, None] * write
         retain = get("state_update.retain")
-        new_state = retain * state + (1 - retain) * new_state + write.reshape(batch, M, D)
+        new_state = retain * state + (1 - retain) * new_state + write
     return out[:, M] @ lm_head.T, new_state
 
 

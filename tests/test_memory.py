@@ -131,6 +131,29 @@ def test_accuracy_counts_top_tokens_at_scored_steps():
     assert 0 < expected < 1 and memory.accuracy(Oracle(), batch, None, batch_size=3) == expected
 
 
+def test_curriculum_splits_the_run_into_equal_parts_in_order():
+    curriculum = {"distance": [1, 2, 4]}
+    stages = [memory.curriculum_stage(curriculum, step, 10)["distance"] for step in range(10)]
+    assert stages == [1, 1, 1, 1, 2, 2, 2, 4, 4, 4]  # step * 3 // 10
+    assert memory.curriculum_stage(None, 5, 10) == {} and memory.curriculum_stage({}, 5, 10) == {}
+
+
+def test_training_follows_the_curriculum_and_tests_at_the_task_distance(monkeypatch):
+    p = {**memory.PRESETS["mini"], "steps": 4, "eval_every": 4}
+    seen = []
+    real = memory.make_batch
+
+    def recording(task, n, generator, **params):
+        seen.append(params["distance"])
+        return real(task, n, generator, **params)
+
+    monkeypatch.setattr(memory, "make_batch", recording)
+    task = {"task": "recall", "params": {"distance": 4}, "loss": "query", "curriculum": {"distance": [1, 2]}}
+    test = memory.held_out_set("recall", 8, 0, distance=4)
+    record = memory.train_one(task, {"kind": "gptb"}, p, 0, test)
+    assert seen == [1, 1, 2, 2] and len(record["accuracy"]) == 2
+
+
 def test_mini_run_reports_every_task_and_a_loadable_best_config(tmp_path):
     assert main(["memory", "--preset", "mini", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
