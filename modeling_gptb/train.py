@@ -663,13 +663,14 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
     print(f"\nEval loss {result['eval_loss']:.4f} nats/token, perplexity {result['eval_perplexity']:.2f}")
     report = art_report(model, tokenizer, eval_texts[:8])
     print(format_art_report(report))
-    torch.manual_seed(args.seed)
-    prompt = tokenizer(args.sample_prompt, return_tensors="pt")
-    sample = model.generate(
-        **prompt, max_new_tokens=args.sample_tokens, do_sample=True, top_k=40, pad_token_id=tokenizer.pad_token_id
-    )
-    result["sample"] = tokenizer.decode(sample[0], skip_special_tokens=True)
-    print(f"\nSample: {result['sample']!r}\n")
+    if args.sample_tokens:  # 0: no sample
+        torch.manual_seed(args.seed)
+        prompt = tokenizer(args.sample_prompt, return_tensors="pt")
+        sample = model.generate(
+            **prompt, max_new_tokens=args.sample_tokens, do_sample=True, top_k=40, pad_token_id=tokenizer.pad_token_id
+        )
+        result["sample"] = tokenizer.decode(sample[0], skip_special_tokens=True)
+        print(f"\nSample: {result['sample']!r}\n")
 
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

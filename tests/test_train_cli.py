@@ -84,6 +84,12 @@ def test_resume_ends_like_the_uninterrupted_run(trained, tmp_path):
             assert torch.equal(resumed[name], whole[name]), name
 
 
+def test_sample_tokens_zero_skips_the_sample(tmp_path):
+    assert train(tmp_path / "out", "--max_steps", "1", "--sample_tokens", "0") == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["step"] == 1 and "sample" not in metrics
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
