@@ -372,6 +372,7 @@ def save_checkpoint(accelerator: Accelerator, output: Path, step: int, history: 
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every rank's RNG file is written before the main process moves the folder
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(accelerator._models[0])
         if model.art_memory is not None:
@@ -502,7 +503,7 @@ def train(args: TrainArgs) -> dict:
                 f"do. To train further, start a new run from its model: gptb train --init_from {output} "
                 "--output_dir NEW_FOLDER --max_steps N"
             )
-            accelerator.end_training()
+            end_distributed(accelerator)
             return {"step": saved["step"], "history": saved["history"], "complete": True}
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
@@ -634,7 +635,7 @@ def train(args: TrainArgs) -> dict:
         if step % args.save_steps:
             save_checkpoint(accelerator, output, step, history, record)
         accelerator.print(f"Stopped after step {step} of {args.max_steps}; continue with --resume")
-        accelerator.end_training()
+        end_distributed(accelerator)
         return {"step": step, "history": history}
 
     metrics = evaluate(model, eval_loader, accelerator, args.eval_batches)
@@ -643,11 +644,24 @@ def train(args: TrainArgs) -> dict:
     final_model = accelerator.unwrap_model(model)
     # End the process group first: the main process then writes the final folder alone, so nothing it calls can
     # meet another rank's collective.
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_distributed(accelerator)
     if is_main:
         finish(final_model, tokenizer, args, output, result, eval_texts)
     return result
+
+
+def end_distributed(accelerator: Accelerator):
+    """Wait for every rank, then end the process group without deadlocking in torch's gloo teardown.
+
+    After a collective, a gloo worker thread frees the finished work, whose tensors need the GIL; a process group
+    destroyed in that instant (by `destroy_process_group`, or when the DDP wrapper holding it is freed as `train`
+    returns) joins that thread while holding the GIL, and both wait forever. Seen once in 11 two-process CPU
+    runs under load and once in CI (stacks: `~ProcessGroupGloo` -> `thread::join`, `~AsyncBarrierWork` -> `take_gil`).
+    Sleeping releases the GIL, so the worker finishes first.
+    """
+    accelerator.wait_for_everyone()
+    time.sleep(0.2)
+    accelerator.end_training()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
