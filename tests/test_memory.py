@@ -201,3 +201,8 @@ def test_runs_of_different_tasks_combine_into_one_result(tmp_path):
     memory.run("mini", [0, 1], tmp_path / "c", tasks=["parity_4"], models=["lstm"])
     with pytest.raises(ValueError, match="different presets or seeds"):
         memory.combine([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
+    memory.run("mini", [0], tmp_path / "d", tasks=["parity_4"], models=["gpt2_full"])  # the same task, other models
+    merged = memory.combine([tmp_path / "a", tmp_path / "d"], tmp_path / "merged")
+    assert set(merged["runs"]["parity_4"]) == {"gptb_replace", "lstm", "gpt2_full"}
+    with pytest.raises(ValueError, match="again"):
+        memory.combine([tmp_path / "a", tmp_path / "a"], tmp_path / "twice")
