@@ -198,11 +198,17 @@ def test_runs_of_different_tasks_combine_into_one_result(tmp_path):
     saved = json.loads((tmp_path / "all" / "results.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(combined["runs"])) and saved["best_model"] == "gptb_replace"
     assert (tmp_path / "all" / "memory.png").exists() and "parity_4" in (tmp_path / "all" / "report.md").read_text()
-    memory.run("mini", [0, 1], tmp_path / "c", tasks=["parity_4"], models=["lstm"])
-    with pytest.raises(ValueError, match="different presets or seeds"):
-        memory.combine([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
-    memory.run("mini", [0], tmp_path / "d", tasks=["parity_4"], models=["gpt2_full"])  # the same task, other models
-    merged = memory.combine([tmp_path / "a", tmp_path / "d"], tmp_path / "merged")
-    assert set(merged["runs"]["parity_4"]) == {"gptb_replace", "lstm", "gpt2_full"}
+    memory.run("mini", [0, 1], tmp_path / "c", tasks=["parity_4"], models=["gpt2_full"])  # other models and seeds
+    merged = memory.combine([tmp_path / "a", tmp_path / "c"], tmp_path / "merged")
+    assert set(merged["runs"]["parity_4"]) == {"gptb_replace", "lstm", "gpt2_full"} and merged["seeds"] == [0, 1]
+    assert (
+        merged["summary"]["parity_4"]["gpt2_full"]["seeds"] == 2
+        and merged["summary"]["parity_4"]["lstm"]["seeds"] == 1
+    )
+    other = json.loads((tmp_path / "a" / "results.json").read_text())
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.json").write_text(json.dumps({**other, "preset": "cpu"}))
+    with pytest.raises(ValueError, match="different presets"):
+        memory.combine([tmp_path / "a", tmp_path / "e"], tmp_path / "bad")
     with pytest.raises(ValueError, match="again"):
         memory.combine([tmp_path / "a", tmp_path / "a"], tmp_path / "twice")

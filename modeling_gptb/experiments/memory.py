@@ -340,14 +340,15 @@ def run(preset: str, seeds: list[int], out: Path, tasks: list[str] | None = None
 
 
 def combine(parts: list[Path], out: Path) -> dict:
-    """One result from runs of the same preset and seeds on different tasks or models (each `run(..., tasks=[...],
-    models=[...])` into its own folder): the runs merged, the summary and recommendation recomputed, the report and
-    plot written to `out`. A (task, model) pair run twice is refused."""
+    """One result from runs of the same preset on different tasks or models (each `run(..., tasks=[...],
+    models=[...])` into its own folder, possibly with different seeds: each summary cell counts its own): the runs
+    merged, the summary and recommendation recomputed, the report and plot written to `out`. A (task, model) pair run
+    twice is refused."""
     results = [json.loads((Path(part) / "results.json").read_text()) for part in parts]
     first = results[0]
     for other in results[1:]:
-        if (other["preset"], other["seeds"]) != (first["preset"], first["seeds"]):
-            raise ValueError(f"runs of different presets or seeds cannot be combined: {parts}")
+        if other["preset"] != first["preset"] or _training(other["config"]) != _training(first["config"]):
+            raise ValueError(f"runs of different presets cannot be combined: {parts}")
     runs: dict[str, dict[str, list[dict]]] = {}
     for part, result in zip(parts, results, strict=True):
         for task, by_model in result["runs"].items():
@@ -355,10 +356,17 @@ def combine(parts: list[Path], out: Path) -> dict:
             if twice:
                 raise ValueError(f"{part} runs {task} with {sorted(twice)} again: each pair must come from one part")
             runs[task].update(by_model)
-    p = first["config"]
-    header = common.start_run(NAME, first["preset"], p, first["seeds"])
+    p = {**first["config"]}
+    for key in ("tasks", "models"):  # a preset may have gained tasks or models between parts
+        p[key] = {name: spec for result in results for name, spec in result["config"][key].items()}
+    header = common.start_run(NAME, first["preset"], p, sorted({seed for r in results for seed in r["seeds"]}))
     header["started"] -= sum(result["elapsed_s"] for result in results)
     return _finish(header, out, runs, {t: p["tasks"][t] for t in runs}, p["models"])
+
+
+def _training(config: dict) -> dict:
+    """A preset's settings other than its task and model lists: what must agree for runs to be combined."""
+    return {key: value for key, value in config.items() if key not in ("tasks", "models")}
 
 
 def _finish(header: dict, out: Path, runs: dict, task_specs: dict, model_specs: dict) -> dict:
@@ -437,7 +445,7 @@ def _plots(result: dict, out: Path) -> None:
         common.finish_axes(ax, fontsize=7)
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
-    title = f"Memory tasks: held-out accuracy vs steps\n(mean ± 1 s.d. over {len(result['seeds'])} seed(s))"
+    title = "Memory tasks: held-out accuracy vs steps\n(mean ± 1 s.d. over each model's seeds)"
     common.save_figure(fig, out / "memory.png", title)
 
 
