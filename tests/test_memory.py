@@ -212,3 +212,6 @@ def test_runs_of_different_tasks_combine_into_one_result(tmp_path):
         memory.combine([tmp_path / "a", tmp_path / "e"], tmp_path / "bad")
     with pytest.raises(ValueError, match="again"):
         memory.combine([tmp_path / "a", tmp_path / "a"], tmp_path / "twice")
+    memory.run("mini", [1], tmp_path / "f", tasks=["parity_4"], models=["lstm"])  # another seed of a pair
+    seeds = memory.combine([tmp_path / "a", tmp_path / "f"], tmp_path / "seeds")["runs"]["parity_4"]["lstm"]
+    assert [record["seed"] for record in seeds] == [0, 1]

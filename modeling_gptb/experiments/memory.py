@@ -341,10 +341,9 @@ def run(preset: str, seeds: list[int], out: Path, tasks: list[str] | None = None
 
 
 def combine(parts: list[Path], out: Path) -> dict:
-    """One result from runs of the same preset on different tasks or models (each `run(..., tasks=[...],
-    models=[...])` into its own folder, possibly with different seeds: each summary cell counts its own): the runs
-    merged, the summary and recommendation recomputed, the report and plot written to `out`. A (task, model) pair run
-    twice is refused."""
+    """One result from runs of the same preset split by task, model or seed (each `run(..., tasks=[...],
+    models=[...])` into its own folder; each summary cell counts its own seeds): the runs merged, the summary and
+    recommendation recomputed, the report and plot written to `out`. A (task, model, seed) run twice is refused."""
     results = [json.loads((Path(part) / "results.json").read_text()) for part in parts]
     first = results[0]
     for other in results[1:]:
@@ -353,10 +352,13 @@ def combine(parts: list[Path], out: Path) -> dict:
     runs: dict[str, dict[str, list[dict]]] = {}
     for part, result in zip(parts, results, strict=True):
         for task, by_model in result["runs"].items():
-            twice = set(by_model) & set(runs.setdefault(task, {}))
-            if twice:
-                raise ValueError(f"{part} runs {task} with {sorted(twice)} again: each pair must come from one part")
-            runs[task].update(by_model)
+            for model, records in by_model.items():
+                merged = runs.setdefault(task, {}).setdefault(model, [])
+                twice = {r["seed"] for r in merged} & {r["seed"] for r in records}
+                if twice:
+                    raise ValueError(f"{part} runs {task} with {model} for seed(s) {sorted(twice)} again")
+                merged.extend(sorted(records, key=lambda r: r["seed"]))
+            runs[task] = {model: sorted(rs, key=lambda r: r["seed"]) for model, rs in runs[task].items()}
     p = {**first["config"]}
     for key in ("tasks", "models"):  # a preset may have gained tasks or models between parts
         p[key] = {name: spec for result in results for name, spec in result["config"][key].items()}
