@@ -357,8 +357,10 @@ def combine(parts: list[Path], out: Path) -> dict:
                 twice = {r["seed"] for r in merged} & {r["seed"] for r in records}
                 if twice:
                     raise ValueError(f"{part} runs {task} with {model} for seed(s) {sorted(twice)} again")
-                merged.extend(sorted(records, key=lambda r: r["seed"]))
-            runs[task] = {model: sorted(rs, key=lambda r: r["seed"]) for model, rs in runs[task].items()}
+                merged.extend(records)
+    for by_model in runs.values():
+        for records in by_model.values():
+            records.sort(key=lambda record: record["seed"])
     p = {**first["config"]}
     for key in ("tasks", "models"):  # a preset may have gained tasks or models between parts
         p[key] = {name: spec for result in results for name, spec in result["config"][key].items()}
