@@ -43,8 +43,6 @@ import math
 import torch
 from torch import nn
 
-STATE_UPDATES = ("replace", "gated", "residual", "selective")
-
 
 def check_state_update_fields(config) -> None:
     """Raise a `ValueError` naming a state-update field of `config` outside its allowed values."""
@@ -110,7 +108,12 @@ class SelectiveStateUpdate(ResidualStateUpdate):
         return torch.sigmoid(self.gate(token_in))[..., None] * super().written(token, token_in)
 
 
+# The module of each variant; `"replace"` (the seed's step) has no parameters and no module.
+STATE_UPDATE_MODULES = {"gated": GatedStateUpdate, "residual": ResidualStateUpdate, "selective": SelectiveStateUpdate}
+STATE_UPDATES = ("replace", *STATE_UPDATE_MODULES)
+
+
 def build_state_update(config) -> StateUpdate | None:
     """The module of `config.state_update`; None for `"replace"`, which has no parameters."""
-    variants = {"gated": GatedStateUpdate, "residual": ResidualStateUpdate, "selective": SelectiveStateUpdate}
-    return variants[config.state_update](config) if config.state_update in variants else None
+    module = STATE_UPDATE_MODULES.get(config.state_update)
+    return module(config) if module is not None else None
