@@ -47,6 +47,33 @@ def test_sample_efficiency_summary_has_baselines_and_ablations(tmp_path):
     assert {"gptb", "gptb_norebias"} <= set(summary) and any(k.startswith("gpt2_ctx") for k in summary)
     for values in summary.values():
         assert values["final_bpb_mean"] > 0 and values["train_flops_per_token"] > 0
+    assert "`gptb_selective` minus the control `gptb_norebias`" in (tmp_path / "report.md").read_text()
+
+
+def test_sample_efficiency_variants_carry_their_state_update():
+    from modeling_gptb.experiments import sample_efficiency
+
+    specs = sample_efficiency.variants(sample_efficiency.PRESETS["memory"])
+    assert set(specs) == {"gptb", "gptb_selective", "gptb_norebias", "gpt2_ctx64", "gpt2_ctx256"}
+    assert specs["gptb_selective"]["overrides"] == {
+        "state_size": 8,
+        "state_update": "selective",
+        "state_retain_init": 1.0,
+        "state_gate_bias": 0.0,
+    }
+    assert specs["gptb_norebias"]["overrides"] == {"state_size": 8, "rebias": False}  # the control: seed's step
+
+
+def test_sample_efficiency_difference_to_control_is_paired_by_seed():
+    from modeling_gptb.experiments.sample_efficiency import _against_control
+
+    def runs_of(losses):
+        return [{"seed": seed, "eval_loss": [9.0, loss]} for seed, loss in losses.items()]
+
+    runs = {"gptb_norebias": runs_of({0: 5.0, 1: 6.0}), "gptb_x": runs_of({1: 5.5, 0: 5.1}), "gpt2_ctx64": []}
+    line = _against_control(runs)  # differences 0.1 (seed 0) and -0.5 (seed 1): mean -0.2, s.d. 0.424
+    expected = "-0.200 ± 0.424 nats/token (paired by seed; lower in 1/2 seeds)"
+    assert line == f"- `gptb_x` minus the control `gptb_norebias`: {expected}"
 
 
 def test_auroc_perfect_separation_and_chance():

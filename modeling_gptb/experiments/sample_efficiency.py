@@ -7,7 +7,10 @@ schedule (5% linear warm-up, cosine to 10%) and token budget:
 - `gptb`: GPTB, `state_size` 8, `rebias=True`, trained on blocks of `gptb_block` tokens (BPTT over the block);
 - `gpt2_ctx64`, `gpt2_ctx256`: `transformers.GPT2LMHeadModel` trained on blocks of 64 / 256 tokens;
 - ablations: `gptb_M1`, `gptb_M32` (state_size 1 / 32) and `gptb_norebias` (`rebias=False`: the causal mask
-  hides the token from the state, which the design predicts makes the state useless).
+  hides the token from the state, which the design predicts makes the state useless);
+- state-update variants (a preset's `gptb_variants`: name -> `GPTBConfig` overrides), e.g. `gptb_selective`, the
+  configuration the memory benchmark recommends, which the `memory` preset runs against the seed's step and the
+  control for three times the `cpu` budget.
 
 Held-out loss: the validation split of `stdlib-docs`, cut into blocks of `eval_block` (256) tokens; every model
 predicts the same 255 targets per block (GPT-2 at context 64 in four fresh windows, GPTB in one pass carrying its
@@ -19,7 +22,9 @@ Time, default `cpu` preset on 2 shared CPU cores (OMP_NUM_THREADS=1), from step 
 rebias=False 0.41, GPT-2 ctx 64 0.06, ctx 256 0.07 -> 2.45 s per step of all six models; evaluation (40 blocks of
 256 tokens) 1.3 / 0.5 / 4.0 / 1.3 / 0.2 / 0.2 s, 5 times per run -> ~38 s per seed. 220 steps x 3 seeds:
 3 x (220 x 2.45 + 38) ≈ 1730 s ≈ 29 minutes (+ ~5 s corpus and tokenizer). Shared machines drift by +-30%.
-`mini` takes a few seconds; `gpu` is sized for one modern CUDA GPU (untimed).
+`memory`: GPTB (seed's step), `gptb_selective`, `gptb_norebias` (0.44 / ~0.5 / 0.41 s/step) and the two GPT-2s, 660
+steps (1.08 epochs of the training text) x 3 seeds ≈ 50 minutes on one quiet core. `mini` takes a few seconds;
+`gpu` is sized for one modern CUDA GPU (untimed).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from . import common
 NAME = "sample_efficiency"
 
 _ARCH_CPU = {"n_embd": 128, "n_layer": 2, "n_head": 4}
+# The memory benchmark's recommended state update (`memory.PRESETS`, `_VARIANTS["gptb_selective"]`)
+_SELECTIVE = {"state_update": "selective", "state_retain_init": 1.0, "state_gate_bias": 0.0}
 PRESETS = {
     "cpu": {
         "corpus": "stdlib-docs",
@@ -49,6 +56,25 @@ PRESETS = {
         "state_size": 8,
         "ablation_state_sizes": [1, 32],
         "gpt2_contexts": [64, 256],
+    },
+    "memory": {
+        "corpus": "stdlib-docs",
+        "train_chars": 1_600_000,
+        "val_chars": 120_000,
+        "tokenizer": 1024,
+        "arch": _ARCH_CPU,
+        "tokens_per_step": 1024,
+        "steps": 660,
+        "gptb_block": 64,
+        "eval_block": 256,
+        "eval_blocks": 40,
+        "eval_every": 110,
+        "eval_batch": 20,
+        "train": {"lr": 2e-3, "weight_decay": 0.1},
+        "state_size": 8,
+        "ablation_state_sizes": [],
+        "gpt2_contexts": [64, 256],
+        "gptb_variants": {"gptb_selective": _SELECTIVE},
     },
     "gpu": {
         "corpus": "stdlib-docs",
@@ -85,6 +111,7 @@ PRESETS = {
         "state_size": 2,
         "ablation_state_sizes": [1],
         "gpt2_contexts": [16, 32],
+        "gptb_variants": {"gptb_selective": _SELECTIVE},
     },
 }
 
@@ -92,6 +119,12 @@ PRESETS = {
 def variants(p: dict) -> dict[str, dict]:
     """name -> how to build and train it: kind, block length, GPTB overrides / GPT-2 context."""
     out = {"gptb": {"kind": "gptb", "block": p["gptb_block"], "overrides": {"state_size": p["state_size"]}}}
+    for name, overrides in p.get("gptb_variants", {}).items():
+        out[name] = {
+            "kind": "gptb",
+            "block": p["gptb_block"],
+            "overrides": {"state_size": p["state_size"], **overrides},
+        }
     for ctx in p["gpt2_contexts"]:
         out[f"gpt2_ctx{ctx}"] = {"kind": "gpt2", "block": ctx, "context": ctx}
     for m in p["ablation_state_sizes"]:
@@ -219,6 +252,22 @@ def _plots(result: dict, out: Path) -> None:
     common.save_figure(fig, out / "ablations.png")
 
 
+def _against_control(runs: dict) -> str:
+    """Each GPTB's final held-out loss minus the control's, paired by seed (mean ± s.d. over seeds)."""
+    control = {r["seed"]: r["eval_loss"][-1] for r in runs.get("gptb_norebias", [])}
+    lines = []
+    for name, records in runs.items():
+        if not name.startswith("gptb") or name == "gptb_norebias" or not control:
+            continue
+        diffs = [r["eval_loss"][-1] - control[r["seed"]] for r in records if r["seed"] in control]
+        lower = sum(d < 0 for d in diffs)
+        lines.append(
+            f"- `{name}` minus the control `gptb_norebias`: {common.fmt(*common.mean_std(diffs))} "
+            f"nats/token (paired by seed; lower in {lower}/{len(diffs)} seeds)"
+        )
+    return "\n".join(lines)
+
+
 def _report(result: dict, out: Path) -> None:
     s = result["summary"]
     rows = [
@@ -253,7 +302,10 @@ def _report(result: dict, out: Path) -> None:
             f"{result['vocab_size']}; held-out: {result['eval_targets']:,} target tokens of `{p['corpus']}` "
             f"validation in blocks of {p['eval_block']}.",
             "## Final held-out loss (mean ± s.d. over seeds)\n\n" + table,
-            "## Reading\n\n" + verdict + " `gptb_norebias` is the control the design predicts cannot use its state.",
+            "## Reading\n\n"
+            + verdict
+            + " `gptb_norebias` is the control the design predicts cannot use its state.\n\n"
+            + _against_control(result["runs"]),
             "![curves](curves.png)\n\n![ablations](ablations.png)",
         ],
     )
