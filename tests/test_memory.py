@@ -16,11 +16,13 @@ from modeling_gptb.experiments.memory_tasks import (
     NOISE,
     QUERY,
     TEST_SEED_BASE,
+    VALIDATION_SEED_BASE,
     VALUES,
     VOCAB_SIZE,
     held_out_set,
     make_batch,
     train_generator,
+    validation_set,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,11 +76,14 @@ def test_parity_targets_are_running_parities():
 
 
 def test_held_out_sequences_come_from_seeds_training_never_uses():
-    with pytest.raises(ValueError, match=r"training seeds must be in \[0, 1000000\)"):
-        train_generator(TEST_SEED_BASE)
+    for seed in (TEST_SEED_BASE, VALIDATION_SEED_BASE, -1):
+        with pytest.raises(ValueError, match=r"training seeds must be in \[0, 500000\)"):
+            train_generator(seed)
     test = held_out_set("recall", 256, 0, distance=32)
+    validation = validation_set("recall", 256, 0, distance=32)
     train = make_batch("recall", 256, train_generator(0), distance=32)
-    assert not any(torch.equal(row, other) for row in test.inputs for other in train.inputs)
+    for one, other in ((test, train), (validation, train), (test, validation)):
+        assert not any(torch.equal(row, row2) for row in one.inputs for row2 in other.inputs)
     assert torch.equal(test.inputs, held_out_set("recall", 256, 0, distance=32).inputs)  # the same for every model
 
 

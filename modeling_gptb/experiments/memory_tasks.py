@@ -28,7 +28,9 @@ DISTRACTORS = range(35, 51)  # recall's distractors
 VOCAB_SIZE = 51
 IGNORE = -100
 
-# Held-out sequences come from generators seeded at or above this; training seeds stay below it.
+# Held-out sequences come from generators seeded at or above TEST_SEED_BASE, the validation sequences that choices
+# (a variant, a budget) may be tuned on from VALIDATION_SEED_BASE up; training seeds stay below both.
+VALIDATION_SEED_BASE = 500_000
 TEST_SEED_BASE = 1_000_000
 
 
@@ -107,7 +109,15 @@ def held_out_set(task: str, n: int, index: int, **params) -> TaskBatch:
     return make_batch(task, n, torch.Generator().manual_seed(TEST_SEED_BASE + index), **params)
 
 
+def validation_set(task: str, n: int, index: int, **params) -> TaskBatch:
+    """Sequences to choose settings on: seeded `VALIDATION_SEED_BASE + index`, neither trained on nor held out."""
+    return make_batch(task, n, torch.Generator().manual_seed(VALIDATION_SEED_BASE + index), **params)
+
+
 def train_generator(seed: int) -> torch.Generator:
-    if not 0 <= seed < TEST_SEED_BASE:
-        raise ValueError(f"training seeds must be in [0, {TEST_SEED_BASE}) (above are the held-out sets), got {seed}")
+    if not 0 <= seed < VALIDATION_SEED_BASE:
+        raise ValueError(
+            f"training seeds must be in [0, {VALIDATION_SEED_BASE}) (above are the validation and held-out sets), "
+            f"got {seed}"
+        )
     return torch.Generator().manual_seed(seed)
