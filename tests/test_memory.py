@@ -158,6 +158,10 @@ def test_training_follows_the_curriculum_and_tests_at_the_task_distance(monkeypa
     record = memory.train_one(task, {"kind": "gptb"}, p, 0, test)
     assert seen == [1, 1, 2, 2] and len(record["accuracy"]) == 2
 
+    seen.clear()  # a task's own budget: 6 steps (curriculum over those), accuracy at 0, 3, 6
+    record = memory.train_one({**task, "steps": 6, "eval_every": 3}, {"kind": "gptb"}, p, 0, test)
+    assert seen == [1, 1, 1, 2, 2, 2] and record["eval_step"] == [0, 3, 6]
+
 
 def test_mini_run_reports_every_task_and_a_loadable_best_config(tmp_path):
     assert main(["memory", "--preset", "mini", "--out", str(tmp_path)]) == 0

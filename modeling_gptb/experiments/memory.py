@@ -271,7 +271,10 @@ def curriculum_stage(curriculum: dict | None, step: int, steps: int) -> dict:
 
 
 def train_one(task_spec: dict, model_spec: dict, p: dict, seed: int, test, desc: str = "") -> dict:
-    """Train one model on one task from scratch; accuracy on `test` every `eval_every` steps."""
+    """Train one model on one task from scratch; accuracy on `test` every `eval_every` steps.
+
+    A task may set its own `steps` and `eval_every` (a longer budget for one task of a preset)."""
+    steps, eval_every = task_spec.get("steps", p["steps"]), task_spec.get("eval_every", p["eval_every"])
     common.set_seed(seed)
     length = test.inputs.shape[1]
     model = build_model(model_spec, p, length)
@@ -281,7 +284,7 @@ def train_one(task_spec: dict, model_spec: dict, p: dict, seed: int, test, desc:
 
     def step_loss(model, dev):
         nonlocal steps_taken
-        params = {**task_spec["params"], **curriculum_stage(task_spec.get("curriculum"), steps_taken, p["steps"])}
+        params = {**task_spec["params"], **curriculum_stage(task_spec.get("curriculum"), steps_taken, steps)}
         steps_taken += 1
         batch = make_batch(task_spec["task"], p["batch"], generator, **params)
         batch.inputs, batch.targets = batch.inputs.to(dev), batch.targets.to(dev)
@@ -291,14 +294,14 @@ def train_one(task_spec: dict, model_spec: dict, p: dict, seed: int, test, desc:
         model,
         None,
         p["batch"] * length,
-        p["steps"],
+        steps,
         p["train"],
         evaluate=lambda: accuracy(model, test, context, p["eval_batch"]),
-        eval_every=p["eval_every"],
+        eval_every=eval_every,
         desc=desc,
         step_loss=step_loss,
     )
-    every = max(1, p["steps"] // 100)
+    every = max(1, steps // 100)
     record = {
         "seed": seed,
         "params": sum(t.numel() for t in model.parameters()),
