@@ -50,19 +50,22 @@ class GPTBConfig(PretrainedConfig):
             How a step makes the next state from the window's output at the state slots: `"replace"` (the seed's
             step: the output is the next state), `"gated"` (a learned read scale and a selective retain gate),
             `"residual"` (read scale, retain amplitude and an additive write from the token position's output; an
-            experiment) or `"selective"` (the `"residual"` write let in per slot by a gate that reads the input
-            token; an experiment). Exact definitions in `state_update.py` and the design doc.
+            experiment), `"selective"` (the `"residual"` write let in per slot by a gate that reads the input
+            token; an experiment) or `"addressed"` (the same gate reading the token position's output, so a step
+            picks its slot from what it has read; an experiment). Exact definitions in `state_update.py` and the
+            design doc.
         state_gate_bias (`float`, defaults to 2.0):
             `"gated"`: initial bias of the retain gate (sigmoid(2) = 0.88 of the state kept once the gate is open).
-            `"selective"`: initial bias of the write gate (sigmoid(2) = 0.88 of the write let in; a large negative
-            value starts with the gate closed).
+            `"selective"`, `"addressed"`: initial bias of the write gate (sigmoid(2) = 0.88 of the write let in; a
+            large negative value starts with the gate closed).
         state_retain_init (`float`, defaults to 0.0):
-            `"gated"`, `"residual"` and `"selective"`: initial retain amplitude; 0 starts exactly as the seed's step
-            (a GPT-2 warm start runs unchanged), 1 starts as a retain gate (`"residual"`: as S' = S + write,
-            `"selective"`: as S' = S + z * write).
+            `"gated"`, `"residual"`, `"selective"` and `"addressed"`: initial retain amplitude; 0 starts exactly as
+            the seed's step (a GPT-2 warm start runs unchanged), 1 starts as a retain gate (`"residual"`: as
+            S' = S + write, `"selective"` and `"addressed"`: as S' = S + z * write).
         state_read_scale_init (`float`, defaults to 1.0):
-            `"gated"`, `"residual"` and `"selective"`: initial scale of the state as it enters the window; 1 is the
-            seed's step, a small value (0.02) lets each token's write count against a state of norm sqrt(n_embd).
+            `"gated"`, `"residual"`, `"selective"` and `"addressed"`: initial scale of the state as it enters the
+            window; 1 is the seed's step, a small value (0.02) lets each token's write count against a state of norm
+            sqrt(n_embd).
         bptt_steps (`int`, *optional*):
             Truncated backpropagation through time: the state is detached every `bptt_steps` steps of a forward
             call. `None` backpropagates through the whole call.

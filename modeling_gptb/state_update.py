@@ -34,6 +34,14 @@ the state slots:
 
   with s, a, W_w, b_w as in `"residual"`, W_g in R^(D x M), b_g in R^M; W_g = 0, b_g = `state_gate_bias`, the rest
   initialised as in `"residual"`: at the defaults (s = 1, a = 0, write 0) the step is exactly the seed's.
+- `"addressed"`: the `"selective"` step with the gate reading the token position's output h instead of the input
+  token: h has read the state and the token, so a step can choose the slot it writes from what came before (the
+  value after a key can go to the slot that key picked):
+
+      z       = sigmoid(h W_g + b_g)
+      S'      = a * S + (1 - a) * U + z[:, None] * reshape(h W_w + b_w, (M, D))
+
+  with every parameter and its initialisation as in `"selective"`.
 
 This file travels to the Hub as remote code: it imports only torch.
 """
@@ -103,13 +111,29 @@ class SelectiveStateUpdate(ResidualStateUpdate):
         super().__init__(config)
         self.gate = nn.Linear(config.n_embd, config.state_size)
 
+    def gate_input(self, token: torch.Tensor, token_in: torch.Tensor) -> torch.Tensor:
+        """What the write gate reads: the token's input embedding."""
+        return token_in
+
     def written(self, token: torch.Tensor, token_in: torch.Tensor) -> torch.Tensor:
-        """The residual write, scaled per slot by sigmoid(x W_g + b_g) of the token's input embedding `token_in`."""
-        return torch.sigmoid(self.gate(token_in))[..., None] * super().written(token, token_in)
+        """The residual write, scaled per slot by sigmoid(g W_g + b_g) of the gate's input g."""
+        return torch.sigmoid(self.gate(self.gate_input(token, token_in)))[..., None] * super().written(token, token_in)
+
+
+class AddressedStateUpdate(SelectiveStateUpdate):
+    """`state_update="addressed"`: the selective write with its gate reading the token position's output."""
+
+    def gate_input(self, token: torch.Tensor, token_in: torch.Tensor) -> torch.Tensor:
+        return token
 
 
 # The module of each variant; `"replace"` (the seed's step) has no parameters and no module.
-STATE_UPDATE_MODULES = {"gated": GatedStateUpdate, "residual": ResidualStateUpdate, "selective": SelectiveStateUpdate}
+STATE_UPDATE_MODULES = {
+    "gated": GatedStateUpdate,
+    "residual": ResidualStateUpdate,
+    "selective": SelectiveStateUpdate,
+    "addressed": AddressedStateUpdate,
+}
 STATE_UPDATES = ("replace", *STATE_UPDATE_MODULES)
 
 

@@ -63,12 +63,13 @@ def reference_step(params, config, state, token_ids):
         gate = torch.sigmoid(new_state @ get("state_update.gate.weight").T + get("state_update.gate.bias"))
         retain = get("state_update.retain") * gate
         new_state = retain * state + (1 - retain) * new_state
-    if update in ("residual", "selective"):
+    if update in ("residual", "selective", "addressed"):
         # S' = a * S + (1 - a) * U + reshape(h W_w + b_w, (M, D)), h the token position's output
         write = out[:, M] @ get("state_update.write.weight").T + get("state_update.write.bias")
         write = write.reshape(batch, M, D)
-        if update == "selective":  # the write times z = sigmoid(x W_g + b_g), one gate per slot
-            z = torch.sigmoid(token_in @ get("state_update.gate.weight").T + get("state_update.gate.bias"))
+        if update in ("selective", "addressed"):  # the write times z = sigmoid(g W_g + b_g), one gate per slot
+            gate_in = token_in if update == "selective" else out[:, M]  # g: the input token or the output h
+            z = torch.sigmoid(gate_in @ get("state_update.gate.weight").T + get("state_update.gate.bias"))
             write = z[:, :, None] * write
         retain = get("state_update.retain")
         new_state = retain * state + (1 - retain) * new_state + write

@@ -77,7 +77,7 @@ SETTINGS = {
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("state_update", ["replace", "gated", "residual", "selective"])
+@pytest.mark.parametrize("state_update", ["replace", "gated", "residual", "selective", "addressed"])
 @pytest.mark.parametrize("every", SPANS)
 def test_checkpointed_gradients_equal_the_plain_ones(every, state_update, setting):
     mask, bptt = SETTINGS[setting]["mask"], SETTINGS[setting]["bptt_steps"]

@@ -1,4 +1,5 @@
-"""`GPTBConfig.state_update` (issue 13 item 2): the seed's `"replace"` and the gated, residual and selective steps.
+"""`GPTBConfig.state_update` (issue 13 item 2): the seed's `"replace"` and the gated, residual, selective and
+addressed steps.
 
 Each variant is checked against its definition written in float64 in tests/reference.py; at its default initialisation
 it must be exactly the seed's step, also after a GPT-2 warm start; it must save, load, generate, pad and train like the
@@ -19,6 +20,7 @@ KEYS = {  # the parameters each variant adds, under transformer.state_update
     "gated": {"read_scale", "retain", "gate.weight", "gate.bias"},
     "residual": {"read_scale", "retain", "write.weight", "write.bias"},
     "selective": {"read_scale", "retain", "write.weight", "write.bias", "gate.weight", "gate.bias"},
+    "addressed": {"read_scale", "retain", "write.weight", "write.bias", "gate.weight", "gate.bias"},
 }
 KEYS = {variant: {f"transformer.state_update.{name}" for name in names} for variant, names in KEYS.items()}
 VARIANTS = tuple(KEYS)
@@ -169,7 +171,7 @@ def test_trains_with_trainer(variant, tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
     [
-        ("state_update", "gru", "must be one of ('replace', 'gated', 'residual', 'selective')"),
+        ("state_update", "gru", "must be one of ('replace', 'gated', 'residual', 'selective', 'addressed')"),
         ("state_gate_bias", float("nan"), "state_gate_bias must be a finite number"),
         ("state_retain_init", "1", "state_retain_init must be a finite number"),
         ("state_read_scale_init", float("inf"), "state_read_scale_init must be a finite number"),
