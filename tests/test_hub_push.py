@@ -52,9 +52,9 @@ def hub(tmp_path, monkeypatch):
     assert not fake.unhandled, f"the fake Hub was asked for what it does not serve: {fake.unhandled}"
 
 
-def trained_model(seed=3):
+def trained_model(seed=3, **overrides):
     """A tiny GPTB model whose ART memory has learned several categories."""
-    model = randomize(tiny_model(art_enabled=True, art_vigilance=0.99), seed=seed)
+    model = randomize(tiny_model(art_enabled=True, art_vigilance=0.99, **overrides), seed=seed)
     model.train()
     with torch.no_grad():
         model(torch.randint(0, 60, (6, 5), generator=torch.Generator().manual_seed(seed)))
@@ -104,8 +104,9 @@ FRESH_PROCESS = WITHOUT_THE_PACKAGE + textwrap.dedent(
 )
 
 
-def test_push_to_hub_then_a_fresh_process_loads_the_repo_id_with_remote_code(hub, tmp_path):
-    model = trained_model()
+@pytest.mark.parametrize("state_update", ["replace", "gated", "addressed"])
+def test_push_to_hub_then_a_fresh_process_loads_the_repo_id_with_remote_code(hub, tmp_path, state_update):
+    model = trained_model(state_update=state_update)  # randomized: a variant's own weights count in the logits
     url = model.push_to_hub("org/name")
     assert str(url).startswith("https://huggingface.co/org/name/commit/")
     assert MODEL_FILES <= set(hub.files("org/name"))
@@ -144,9 +145,9 @@ def test_push_to_hub_then_a_fresh_process_loads_the_repo_id_with_remote_code(hub
     assert torch.equal(results["counts"], model.art_memory.counts)
     assert not results["unhandled"], results["unhandled"]
     downloaded = {path.rsplit("/", 1)[-1] for method, path in results["requests"] if method == "GET"}
-    assert {"modeling_gptb.py", "art_memory.py", "model.safetensors", ART_MEMORY_FILE} <= downloaded
+    assert {"modeling_gptb.py", "art_memory.py", "state_update.py", "model.safetensors", ART_MEMORY_FILE} <= downloaded
     module_files = {path.name for path in (tmp_path / "fresh-hf-modules").rglob("*.py")}
-    assert {"configuration_gptb.py", "modeling_gptb.py", "art_memory.py"} <= module_files
+    assert {"configuration_gptb.py", "modeling_gptb.py", "art_memory.py", "state_update.py"} <= module_files
 
 
 def test_push_to_hub_keeps_the_card_a_repo_already_has(hub, tmp_path):
