@@ -15,6 +15,7 @@ from conftest import randomize, tiny_config, tiny_model
 
 from modeling_gptb import GPTBCache
 from modeling_gptb.cuda_graphs import DecodeGraphs
+from modeling_gptb.state_update import STATE_UPDATES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,8 +78,9 @@ def assert_same_generation(graph_out, eager_out):
         assert torch.equal(graph_scores, eager_scores)
 
 
-def test_greedy_decoding_replays_one_capture_and_equals_eager():
-    model = graph_model()
+@pytest.mark.parametrize("state_update", STATE_UPDATES)
+def test_greedy_decoding_replays_one_capture_and_equals_eager(state_update):
+    model = graph_model(state_update=state_update)  # each variant's own (random) weights in the captured step
     graph_out, eager_out = generate_both(model, input_ids=prompts(2, 5), max_new_tokens=12, do_sample=False)
     assert_same_generation(graph_out, eager_out)
     assert len(set(graph_out.sequences[0, 5:].tolist())) > 3  # the decoding wandered: a real comparison
