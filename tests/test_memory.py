@@ -224,3 +224,9 @@ def test_runs_of_different_tasks_combine_into_one_result(tmp_path):
     memory.run("mini", [1], tmp_path / "f", tasks=["parity_4"], models=["lstm"])  # another seed of a pair
     seeds = memory.combine([tmp_path / "a", tmp_path / "f"], tmp_path / "seeds")["runs"]["parity_4"]["lstm"]
     assert [record["seed"] for record in seeds] == [0, 1]
+
+
+def test_report_cells_show_a_spread_only_over_several_seeds():
+    one = {"seeds": 1, "final_accuracy_mean": 0.5678, "final_accuracy_std": 0.0}
+    three = {"seeds": 3, "final_accuracy_mean": 0.5678, "final_accuracy_std": 0.0123}
+    assert memory._accuracy_cell(one) == "0.57" and memory._accuracy_cell(three) == "0.57 ± 0.01"

@@ -466,15 +466,20 @@ def _plots(result: dict, out: Path) -> None:
     common.save_figure(fig, out / "memory.png", title)
 
 
+def _accuracy_cell(v: dict) -> str:
+    """Mean ± s.d. over seeds; one seed has no spread to show."""
+    if v["seeds"] == 1:
+        return f"{v['final_accuracy_mean']:.2f}"
+    return common.fmt(v["final_accuracy_mean"], v["final_accuracy_std"], 2)
+
+
 def _report(result: dict, out: Path) -> None:
     summary = result["summary"]
     models = list(dict.fromkeys(m for by_model in summary.values() for m in by_model))
     rows = [
         [task]
         + [
-            f"{common.fmt(v['final_accuracy_mean'], v['final_accuracy_std'], 2)} ({v['solved_seeds']}/{v['seeds']})"
-            if (v := summary[task].get(m))
-            else "–"
+            f"{_accuracy_cell(v)} ({v['solved_seeds']}/{v['seeds']})" if (v := summary[task].get(m)) else "–"
             for m in models
         ]
         for task in summary
