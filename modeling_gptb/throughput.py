@@ -13,7 +13,8 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 def forward_flops_per_token(config) -> float:
     """
     FLOPs of one step's forward: every block over the window of M + 1 positions (the weight matmuls, 2 FLOPs per
-    multiply-add, and the attention scores and weighted values over the whole window) and `lm_head` at the token.
+    multiply-add, and the attention scores and weighted values over the whole window), `lm_head` at the token and
+    the state update's projections.
     Embeddings, LayerNorms, softmax, activations and biases are left out (a few percent).
     """
     width, dim = config.state_size + 1, config.n_embd
@@ -22,7 +23,20 @@ def forward_flops_per_token(config) -> float:
     blocks = 2 * weights_per_layer * width * config.n_layer
     attention = 2 * 2 * width * width * dim * config.n_layer  # Q K^T and A V
     lm_head = 2 * dim * config.vocab_size
-    return float(blocks + attention + lm_head)
+    return float(blocks + attention + lm_head + state_update_flops(config))
+
+
+def state_update_flops(config) -> int:
+    """Matmul FLOPs of one step's state update (`config.state_update`, modeling_gptb/state_update.py)."""
+    slots, dim = config.state_size, config.n_embd
+    write = 2 * dim * slots * dim  # h W_w: one (D -> M D) projection of the token position's output
+    return {
+        "replace": 0,
+        "gated": 2 * slots * dim * dim,  # the retain gate, (D -> D) at every slot
+        "residual": write,
+        "selective": write + 2 * dim * slots,  # and the write gate, (D -> M)
+        "addressed": write + 2 * dim * slots,
+    }[config.state_update]
 
 
 def train_flops_per_token(config) -> float:
@@ -50,4 +64,10 @@ def model_flops_utilization(config, tokens_per_s: float, peak: float | None) -> 
     return tokens_per_s * train_flops_per_token(config) / peak
 
 
-__all__ = ["forward_flops_per_token", "model_flops_utilization", "peak_flops", "train_flops_per_token"]
+__all__ = [
+    "forward_flops_per_token",
+    "model_flops_utilization",
+    "peak_flops",
+    "state_update_flops",
+    "train_flops_per_token",
+]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from modeling_gptb import GPTBConfig, GPTBLMHeadModel
 from modeling_gptb.data import load_corpus, tokenize_and_chunk
+from modeling_gptb.throughput import state_update_flops
 from modeling_gptb.tokenization import _bytes_to_unicode, byte_tokenizer, token_config_kwargs, train_tokenizer
 
 LN2 = math.log(2.0)
@@ -161,7 +162,8 @@ def train_flops_per_token(model, kind: str, context: int = 0) -> float:
       - GPT-2 at context T: 2P (matmuls) + 2·L·D·(T+1) (scores and weighted values, on average (T+1)/2 keys
         under the causal mask) + 2·D·V (the vocabulary projection);
       - GPTB with M state slots: one window of M+1 positions per token: 2P·(M+1) + 4·L·D·(M+1)² (every position
-        attends to all M+1, whatever the mask: the implementation computes the full scores) + 2·D·V.
+        attends to all M+1, whatever the mask: the implementation computes the full scores) + 2·D·V, plus the
+        state update's projections (`throughput.state_update_flops`).
     Embedding look-ups, LayerNorms, softmax and activations are left out (they are a few percent here).
     """
     config = model.config
@@ -171,7 +173,7 @@ def train_flops_per_token(model, kind: str, context: int = 0) -> float:
         forward = 2 * p + 2 * layers * d * (context + 1) + 2 * d * vocab
     else:
         window = config.state_size + 1
-        forward = 2 * p * window + 4 * layers * d * window**2 + 2 * d * vocab
+        forward = 2 * p * window + 4 * layers * d * window**2 + 2 * d * vocab + state_update_flops(config)
     return 3.0 * forward
 
 
