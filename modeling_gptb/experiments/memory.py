@@ -458,9 +458,12 @@ def _plots(result: dict, out: Path) -> None:
     cols = min(4, len(tasks))
     rows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    models = list(dict.fromkeys(model for task in tasks for model in result["runs"][task]))
+    colors = {model: f"C{i % 10}" for i, model in enumerate(models)}  # one colour per model in every panel
     for ax, task in zip(axes.flat, tasks, strict=False):
         for model, records in result["runs"][task].items():
-            common.shaded(ax, records[0]["eval_step"], [r["accuracy"] for r in records], model, marker=".")
+            steps, curves = records[0]["eval_step"], [r["accuracy"] for r in records]
+            common.shaded(ax, steps, curves, model, marker=".", color=colors[model])
         chance = CHANCE[result["config"]["tasks"][task]["task"]]
         ax.axhline(chance, color="k", linestyle=":", linewidth=1, label=f"chance ({chance:.3g})")
         ax.set(xlabel="training step", ylabel="held-out accuracy", title=task, ylim=(-0.02, 1.02))
