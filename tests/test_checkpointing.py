@@ -16,6 +16,7 @@ from test_train_cli import fresh_accelerate_state, train  # noqa: F401 (an autou
 from torch.autograd.graph import saved_tensors_hooks
 
 from modeling_gptb import GPTBConfig
+from modeling_gptb.state_update import STATE_UPDATES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,7 +78,7 @@ SETTINGS = {
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("state_update", ["replace", "gated", "residual", "selective", "addressed"])
+@pytest.mark.parametrize("state_update", STATE_UPDATES)
 @pytest.mark.parametrize("every", SPANS)
 def test_checkpointed_gradients_equal_the_plain_ones(every, state_update, setting):
     mask, bptt = SETTINGS[setting]["mask"], SETTINGS[setting]["bptt_steps"]

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from modeling_gptb import GPTBConfig, GPTBLMHeadModel
 from modeling_gptb.benchmarks.gpu_check import main as gpu_check_main
 from modeling_gptb.presets import list_presets, load_recipe
+from modeling_gptb.state_update import STATE_UPDATE_MODULES
 from modeling_gptb.throughput import (
     forward_flops_per_token,
     model_flops_utilization,
@@ -37,7 +38,7 @@ def counted_flops(model, ids, backward):
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"n_inner": 48, "state_size": 6, "rebias": False}]
-    + [{"state_update": variant, "state_size": 5} for variant in ("gated", "residual", "selective", "addressed")],
+    + [{"state_update": variant, "state_size": 5} for variant in STATE_UPDATE_MODULES],
 )
 def test_flops_per_token_equal_torchs_count_of_a_real_step(overrides):
     config = tiny_config(**overrides)

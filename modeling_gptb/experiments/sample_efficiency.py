@@ -32,12 +32,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import common
+from .memory import SELECTIVE
 
 NAME = "sample_efficiency"
 
 _ARCH_CPU = {"n_embd": 128, "n_layer": 2, "n_head": 4}
-# The memory benchmark's recommended state update (`memory.PRESETS`, `_VARIANTS["gptb_selective"]`)
-_SELECTIVE = {"state_update": "selective", "state_retain_init": 1.0, "state_gate_bias": 0.0}
 _CPU = {
     "corpus": "stdlib-docs",
     "train_chars": 1_600_000,
@@ -64,7 +63,7 @@ PRESETS = {
         "steps": 660,
         "eval_every": 110,
         "ablation_state_sizes": [],
-        "gptb_variants": {"gptb_selective": _SELECTIVE},
+        "gptb_variants": {"gptb_selective": SELECTIVE},
     },
     "gpu": {
         "corpus": "stdlib-docs",
@@ -101,29 +100,25 @@ PRESETS = {
         "state_size": 2,
         "ablation_state_sizes": [1],
         "gpt2_contexts": [16, 32],
-        "gptb_variants": {"gptb_selective": _SELECTIVE},
+        "gptb_variants": {"gptb_selective": SELECTIVE},
     },
 }
 
 
 def variants(p: dict) -> dict[str, dict]:
     """name -> how to build and train it: kind, block length, GPTB overrides / GPT-2 context."""
-    out = {"gptb": {"kind": "gptb", "block": p["gptb_block"], "overrides": {"state_size": p["state_size"]}}}
+
+    def gptb(**overrides) -> dict:
+        return {"kind": "gptb", "block": p["gptb_block"], "overrides": {"state_size": p["state_size"], **overrides}}
+
+    out = {"gptb": gptb()}
     for name, overrides in p.get("gptb_variants", {}).items():
-        out[name] = {
-            "kind": "gptb",
-            "block": p["gptb_block"],
-            "overrides": {"state_size": p["state_size"], **overrides},
-        }
+        out[name] = gptb(**overrides)
     for ctx in p["gpt2_contexts"]:
         out[f"gpt2_ctx{ctx}"] = {"kind": "gpt2", "block": ctx, "context": ctx}
     for m in p["ablation_state_sizes"]:
-        out[f"gptb_M{m}"] = {"kind": "gptb", "block": p["gptb_block"], "overrides": {"state_size": m}}
-    out["gptb_norebias"] = {
-        "kind": "gptb",
-        "block": p["gptb_block"],
-        "overrides": {"state_size": p["state_size"], "rebias": False},
-    }
+        out[f"gptb_M{m}"] = gptb(state_size=m)
+    out["gptb_norebias"] = gptb(rebias=False)
     return out
 
 
