@@ -775,6 +775,23 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             model_kwargs["cache"] = GPTBCache(state, cache.seq_length)
         return input_ids, model_kwargs
 
+    def generate(self, inputs=None, generation_config=None, *args, assistant_model=None, **kwargs):
+        # Refused here, not left to transformers: its own refusal changed type and wording between minor versions.
+        config = generation_config if generation_config is not None else self.generation_config
+        assisting = {
+            "assistant_model": assistant_model,
+            "prompt_lookup_num_tokens": kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens),
+            "assistant_early_exit": kwargs.get("assistant_early_exit", config.assistant_early_exit),
+            "use_mtp": kwargs.get("use_mtp", getattr(config, "use_mtp", None)),
+        }
+        used = [name for name, value in assisting.items() if value not in (None, False)]
+        if used:
+            raise ValueError(
+                f"GPTB is a stateful (recurrent) model: assisted decoding ({', '.join(used)}) needs a cache that can "
+                "be rolled back to a rejected draft token, and a recurrent state cannot be. Drop that argument."
+            )
+        return super().generate(inputs, generation_config, *args, **kwargs)
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,

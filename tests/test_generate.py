@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import randomize, tiny_model, tiny_tokenizer
 from reference import reference_sequence, reference_step
-from transformers import TextIteratorStreamer, TextStreamer, pipeline
+from transformers import GenerationConfig, TextIteratorStreamer, TextStreamer, pipeline
 
 from modeling_gptb import GPTBCache
 
@@ -397,8 +397,18 @@ def test_text_generation_pipeline():
     assert list(tensors[0]["generated_token_ids"]) == [4, 8, 15, 16, *ref_tokens[0].tolist()]
 
 
-def test_assisted_decoding_is_refused_for_a_stateful_model():
+@pytest.mark.parametrize(
+    "assisting",
+    [{"assistant_model": "model"}, {"prompt_lookup_num_tokens": 2}, {"generation_config": "prompt_lookup"}],
+    ids=["assistant_model", "prompt_lookup", "prompt_lookup_in_config"],
+)
+def test_assisted_decoding_is_refused_for_a_stateful_model(assisting):
+    # GPTB refuses before transformers decides, so the error is the same on every supported transformers version.
     model = tiny_model()
     assert model._is_stateful
-    with pytest.raises(ValueError, match="stateful"):
-        model.generate(prompts(1, 3), assistant_model=tiny_model(seed=1), max_new_tokens=3, do_sample=False)
+    if assisting.get("assistant_model"):
+        assisting = {"assistant_model": tiny_model(seed=1)}
+    if assisting.get("generation_config"):
+        assisting = {"generation_config": GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=3)}
+    with pytest.raises(ValueError, match="stateful .*assisted decoding"):
+        model.generate(prompts(1, 3), max_new_tokens=3, do_sample=False, **assisting)
