@@ -675,8 +675,12 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
 
     model.eval()
     print(f"\nEval loss {result['eval_loss']:.4f} nats/token, perplexity {result['eval_perplexity']:.2f}")
-    report = art_report(model, tokenizer, eval_texts[:8])
-    print(format_art_report(report))
+    if model.art_memory is None:  # art_enabled=false: a plain recurrent LM, nothing to report
+        report = {}
+        print("The model has no ART memory (config.art_enabled is false)")
+    else:
+        report = art_report(model, tokenizer, eval_texts[:8])
+        print(format_art_report(report))
     if args.sample_tokens:  # 0: no sample
         torch.manual_seed(args.seed)
         prompt = tokenizer(args.sample_prompt, return_tensors="pt")

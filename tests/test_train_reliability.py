@@ -241,3 +241,19 @@ def test_a_run_killed_before_the_swap_leaves_the_old_model_whole(tmp_path, refer
     assert train(output, "--resume", "--seed", "1") == 0  # resumes the new run and only then replaces the model
     assert_same_model(output, output / "checkpoints" / "step-8")
     assert not (output / ".incoming").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 21 item 1: a run without ART memory trains, resumes and saves its model
+
+
+def test_a_run_without_art_memory_resumes_and_saves_its_model(tmp_path, capsys):
+    output = tmp_path / "out"
+    no_art = ("--max_steps", "4", "--set", "art_enabled=false")
+    assert train(output, *no_art, "--stop_after_step", "2") == 0
+    assert train(output, *no_art, "--resume") == 0
+    assert "no ART memory" in capsys.readouterr().out
+    assert not (output / "art_memory.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.art_memory is None and model.config.art_enabled is False
+    assert json.loads((output / "metrics.json").read_text())["step"] == 4
