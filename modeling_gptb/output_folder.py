@@ -12,6 +12,8 @@ any point never leaves a partial `step-N`. The final model is written whole to `
 a mix of two models, and the next `gptb train` on the folder finishes the move (`complete_swap`).
 """
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +27,7 @@ CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
 STATE_FILE = "trainer_state.json"
 INCOMING = ".incoming"
 READY_FILE = "READY"  # inside `.incoming`: the names of the complete model's files, written last
+LOCK_FILE = "gptb-train.lock"  # held (flock) by the run using the folder; `gptb push` skips *.lock
 COMMIT_FILE = "config.json"  # moved in last: without it `from_pretrained` refuses the folder
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 
@@ -54,6 +57,72 @@ def run_differences(saved: dict, current: dict, sections=("settings", "model", "
             if old.get(name) != new.get(name):
                 differences.append(f"{label.format(name)} (checkpoint {old.get(name)!r}, now {new.get(name)!r})")
     return differences
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run per folder
+
+
+class FolderInUse(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+class FolderLock:
+    """
+    An exclusive lock on an output folder for the whole of one run: `flock` on `LOCK_FILE` inside it, which the kernel
+    releases when the process ends in any way (a `kill -9` included), so a lock file left by a dead process is stale
+    and simply taken over. The file records the holder's process id for the refusal message; a clean exit deletes it
+    (and the folder, if the run created it and left nothing else).
+    """
+
+    def __init__(self, folder: Path):
+        self.folder, self.path, self.handle, self.created = folder, folder / LOCK_FILE, None, False
+
+    def acquire(self) -> "FolderLock":
+        self.created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                self.remove_if_created()
+                raise FolderInUse(f"{self.folder} is in use by another gptb train (process {holder})") from None
+            try:  # the holder we waited on may have deleted the file as it released it: lock the file now there
+                same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self):
+        if self.handle is None:
+            return
+        self.path.unlink(missing_ok=True)  # before unlocking: a waiter then sees a new file, never this one
+        self.handle.close()
+        self.handle = None
+        self.remove_if_created()
+
+    def remove_if_created(self):
+        if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, broadcast_object_list, set_seed
 from accelerate.utils.other import id_tensor_storage
 from accelerate.utils.other import load as accelerate_load
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -37,6 +37,8 @@ from .output_folder import (
     CHECKPOINTS,
     INCOMING,
     STATE_FILE,
+    FolderInUse,
+    FolderLock,
     checkpoints_in,
     complete_swap,
     crash_point,
@@ -142,8 +144,11 @@ def check_args(args: TrainArgs):
         refuse("tokenizer_vocab_size", f"an integer >= {MIN_TOKENIZER_VOCAB} (256 bytes + 2 special tokens)")
     for name, floor in (("learning_rate", "> 0"), ("max_grad_norm", "> 0"), ("weight_decay", ">= 0")):
         value = getattr(args, name)
-        if not isinstance(value, (int, float)) or not (value > 0 if floor == "> 0" else value >= 0):
-            refuse(name, f"a number {floor}")
+        in_range = isinstance(value, (int, float)) and (value > 0 if floor == "> 0" else value >= 0)
+        if not in_range or not math.isfinite(value):  # inf passes `> 0` and trains a non-finite model
+            refuse(name, f"a finite number {floor}")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        refuse("peak_tflops", "a finite number > 0")
     unknown = sorted(set(args.overrides) - set(CONFIG_FIELDS))
     if unknown:
         known = ", ".join(CONFIG_FIELDS)
@@ -201,8 +206,6 @@ def run_record(args: TrainArgs, fields: dict, accelerator: Accelerator) -> dict:
 
 def check_output_dir(args: TrainArgs, output: Path):
     """Refuse a run that could overwrite a good model or mix with an earlier run's checkpoints."""
-    if output.exists() and not output.is_dir():
-        raise TrainingError(f"--output_dir {output} exists and is not a folder")
     if args.resume or args.overwrite_output_dir:
         return
     if looks_like_model(output):
@@ -482,6 +485,35 @@ def train(args: TrainArgs) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     check_fsdp_honoured(accelerator)
+    lock = lock_output_dir(output, accelerator)
+    try:
+        return run_training(args, fields, output, accelerator)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_output_dir(output: Path, accelerator: Accelerator) -> FolderLock | None:
+    """The main process locks `output` for the whole run (two runs in one folder would mix their files); every rank
+    stops with the same error if another run holds it."""
+    if output.exists() and not output.is_dir():
+        raise TrainingError(f"--output_dir {output} exists and is not a folder")
+    lock, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = FolderLock(output).acquire()
+        except FolderInUse as error:
+            problem = f"--output_dir {error}; wait for it to end or choose another folder"
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        if lock is not None:
+            lock.release()
+        raise TrainingError(problem)
+    return lock
+
+
+def run_training(args: TrainArgs, fields: dict, output: Path, accelerator: Accelerator) -> dict:
     record = run_record(args, fields, accelerator)
     resume_from, saved = open_output_dir(args, output, record, accelerator)
     set_seed(args.seed)

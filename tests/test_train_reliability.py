@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from test_train_cli import TINY_RUN
 from transformers import AutoModelForCausalLM
 
 from modeling_gptb import cli
-from modeling_gptb.output_folder import KILL_ENV, checkpoints_in, read_checkpoint_state
+from modeling_gptb.output_folder import KILL_ENV, LOCK_FILE, checkpoints_in, read_checkpoint_state
 from modeling_gptb.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +158,12 @@ def test_a_missing_or_damaged_rng_file_is_an_error_unless_allowed(tmp_path, caps
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be an integer >= 1, got 0"),
         (["--max_steps", "0"], "--max_steps must be an integer >= 1, got 0"),
         (["--max_steps", "-3"], "--max_steps must be an integer >= 1, got -3"),
-        (["--learning_rate", "0"], "--learning_rate must be a number > 0"),
+        (["--learning_rate", "0"], "--learning_rate must be a finite number > 0"),
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number > 0, got inf"),  # issue 21 item 9
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+        (["--weight_decay", "inf"], "--weight_decay must be a finite number >= 0, got inf"),
+        (["--max_grad_norm", "inf"], "--max_grad_norm must be a finite number > 0, got inf"),
+        (["--peak_tflops", "inf"], "--peak_tflops must be a finite number > 0, got inf"),
         (["--tokenizer_vocab_size", "100"], "--tokenizer_vocab_size must be an integer >= 258"),
         (["--set", "frobnicate=3"], "--set: unknown model config field(s) frobnicate; known: "),
         (["--set", "art_vigilance=2"], "GPTBConfig.art_vigilance must be a number in [0, 1], got 2"),
@@ -236,6 +242,7 @@ def test_a_run_killed_before_the_swap_leaves_the_old_model_whole(tmp_path, refer
     before = {name: data for name, (data, _) in snapshot(output).items() if "/" not in name}
     train_killed_at("final-write", output, "--overwrite_output_dir", "--seed", "1")
     after = {name: data for name, (data, _) in snapshot(output).items() if "/" not in name}
+    assert after.pop(LOCK_FILE)  # the killed run's lock, stale now (issue 21 item 2)
     assert after == before
     AutoModelForCausalLM.from_pretrained(output)  # still the old model, whole
     assert train(output, "--resume", "--seed", "1") == 0  # resumes the new run and only then replaces the model
@@ -257,3 +264,34 @@ def test_a_run_without_art_memory_resumes_and_saves_its_model(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.art_memory is None and model.config.art_enabled is False
     assert json.loads((output / "metrics.json").read_text())["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 21 item 2: one run per output folder
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    output, lock = tmp_path / "out", tmp_path / "out" / LOCK_FILE
+    command = [sys.executable, "-m", "modeling_gptb.train", "--output_dir", str(output), *RUN, "--seed", "1"]
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text()) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert train(output, "--seed", "2") == 2  # while the first one runs
+        assert f"--output_dir {output} is in use by another gptb train (process {first.pid})" in error_line(capsys)
+    finally:
+        assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert not lock.exists()  # released at the end
+    run = read_checkpoint_state(output / "checkpoints" / "step-8")
+    assert (
+        run["run"]["settings"]["seed"] == 1
+        and json.loads((output / "metrics.json").read_text())["run_id"] == (run["run_id"])
+    )
+
+    # a run killed with SIGKILL leaves its lock file behind; the kernel released the lock, so the next run proceeds
+    killed = tmp_path / "killed"
+    train_killed_at("checkpoint-saved", killed)
+    assert (killed / LOCK_FILE).is_file()
+    assert train(killed, "--resume") == 0
+    assert not (killed / LOCK_FILE).exists()
