@@ -22,6 +22,7 @@ import enum
 import functools
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -71,6 +72,17 @@ def _exact_arithmetic(method):
             if torch.cuda.is_available():
                 with torch.autocast("cuda", enabled=False):
                     return method(self, *args, **kwargs)
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _serialised(method):
+    """Hold the memory's lock: an update reads and rewrites the whole state, so two at once would lose one."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -171,7 +183,11 @@ class ARTMemory(nn.Module):
     prototypes' dtype through `.to(dtype)`, `.half()`, `.bfloat16()` and the like, on it or on a parent model (as
     transformers keeps `_keep_in_fp32_modules` in float32): casting a model to bf16 does not round what the memory has
     learned. Choose the dtype when building the memory (or with `from_pretrained(..., dtype=...)`). Scores are
-    computed in float64 whatever the buffer dtype.
+    computed in float64 whatever the buffer dtype. A load refuses stored prototypes that this dtype would round or
+    overflow.
+
+    Thread-safe: `update`, `classify`, `load_file` and `reset` hold the memory's lock, so calls from several threads
+    run one after another, in the order they take the lock.
     """
 
     def __init__(
@@ -207,6 +223,16 @@ class ARTMemory(nn.Module):
         self._warned_full = False
         self._committed_seen = None
         self._remember_committed(0)
+        self._lock = threading.RLock()  # see _serialised
+
+    def __getstate__(self):  # a copy or pickle gets a lock of its own
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def _apply(self, fn, recurse=True):
         """Apply `fn` (a move or cast from `.to()`, `.cuda()`, `.half()`, `to_empty()`, ...) to the buffers, without
@@ -322,6 +348,7 @@ class ARTMemory(nn.Module):
             f"max_categories={self.max_categories}"
         )
 
+    @_serialised
     def reset(self) -> None:
         """Forget every category."""
         self.weight.zero_()
@@ -407,6 +434,7 @@ class ARTMemory(nn.Module):
     # -----------------------------------------------------------------------------------------------------------------
     # Learning
 
+    @_serialised
     @torch.no_grad()
     @_exact_arithmetic
     def update(self, x: torch.Tensor, sync: bool | None = None) -> ARTOutput:
@@ -550,6 +578,7 @@ class ARTMemory(nn.Module):
     # -----------------------------------------------------------------------------------------------------------------
     # Reads that never learn
 
+    @_serialised
     @torch.no_grad()
     @_exact_arithmetic
     def classify(self, x: torch.Tensor) -> ARTOutput:
@@ -700,6 +729,7 @@ class ARTMemory(nn.Module):
         `from_pretrained` for `max_buffer_bytes`)."""
         config, tensors = load_art_file(path)
         dtype = dtype or tensors["prototypes"].dtype
+        _check_exact_cast(path, tensors["prototypes"], dtype)
         stored_dim = ART_RULES[config["rule"]]().stored_dim(config["dim"])
         needed = config["max_categories"] * (stored_dim * dtype.itemsize + torch.long.itemsize)
         if needed > max_buffer_bytes:
@@ -721,6 +751,7 @@ class ARTMemory(nn.Module):
         memory._set_state(tensors)
         return memory
 
+    @_serialised
     def load_file(self, path: str | os.PathLike, locate_weights=None) -> "ARTMemory":
         """
         Replace this memory's state with the one stored in `path`.
@@ -750,6 +781,7 @@ class ARTMemory(nn.Module):
             )
         if mismatched:
             raise ValueError(f"{os.fspath(path)} does not fit this memory: " + "; ".join(mismatched))
+        _check_exact_cast(path, tensors["prototypes"], self.weight.dtype)
         self._set_state(tensors)
         return self
 
@@ -762,6 +794,25 @@ class ARTMemory(nn.Module):
         self.num_committed.fill_(k)
         self.novelty_histogram.copy_(tensors["novelty_histogram"])
         self._warned_full = False
+
+
+def _check_exact_cast(path, prototypes: torch.Tensor, dtype: torch.dtype) -> None:
+    """Loading is bit-exact: refuse stored prototypes that the memory's dtype would turn into inf or round."""
+    if prototypes.dtype == dtype:
+        return
+    cast = prototypes.to(dtype)
+    overflow = int((~torch.isfinite(cast)).sum())
+    rounded = int((cast.to(prototypes.dtype) != prototypes).sum()) - overflow
+    if overflow or rounded:
+        problems = [
+            f"{n} value{'s' if n > 1 else ''} {verb}"
+            for n, verb in ((overflow, "overflows"), (rounded, "would be rounded"))
+            if n
+        ]
+        raise ValueError(
+            f"{os.fspath(path)}: its {prototypes.dtype} prototypes do not fit {dtype} exactly "
+            f"({', '.join(problems)}); load them into a memory of their own dtype (dtype={prototypes.dtype})"
+        )
 
 
 def _novelty_bins(novelty: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 import hashlib
 import json
 import struct
+import threading
+from copy import deepcopy
 
 import pytest
 import torch
@@ -277,3 +279,72 @@ def test_the_art_file_names_the_weights_it_was_saved_with(tmp_path):
     assert config["weights_sha256"] == {"model.safetensors": digest}
     # a memory saved on its own names no weights, and loads anywhere
     assert load_art_file(model.art_memory.save_pretrained(tmp_path / "alone"))[0]["weights_sha256"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 21 item 3: a load casts the stored prototypes only where the cast is exact
+
+
+def float64_memory(tmp_path, value: float) -> tuple[ARTMemory, str]:
+    memory = ARTMemory(2, vigilance=0.5, max_categories=4, dtype=torch.float64)
+    memory.update(torch.tensor([[value, 1.0]], dtype=torch.float64))
+    return memory, memory.save_pretrained(tmp_path / "float64")
+
+
+@pytest.mark.parametrize(
+    "value, dtype, problem",
+    [
+        (1e300, torch.float32, "1 value overflows"),  # was loaded as inf
+        (1e5, torch.float16, "1 value overflows"),  # 1e5 > float16's 65504
+        (0.1, torch.float32, "would be rounded"),  # was rounded silently
+    ],
+)
+def test_a_load_that_would_overflow_or_round_the_prototypes_is_refused(tmp_path, value, dtype, problem):
+    stored, path = float64_memory(tmp_path, value)
+    with pytest.raises(
+        ValueError, match=f"torch.float64 prototypes do not fit {dtype}.*{problem}.*dtype=torch.float64"
+    ):
+        ARTMemory.from_file(path, dtype=dtype)
+    target = ARTMemory(2, vigilance=0.5, max_categories=4, dtype=dtype)
+    before = {name: tensor.clone() for name, tensor in target.state_dict().items()}
+    with pytest.raises(ValueError, match=problem):
+        target.load_file(path)
+    assert all(torch.equal(target.state_dict()[name], tensor) for name, tensor in before.items())  # unchanged
+    # exact casts load, bit for bit: the stored dtype itself, and a widening one
+    assert torch.equal(ARTMemory.from_file(path).prototypes, stored.prototypes)
+    small, small_path = float64_memory(tmp_path / "small", 0.5)
+    widened = ARTMemory.from_file(
+        ARTMemory.from_file(small_path, dtype=torch.float32).save_pretrained(tmp_path / "f32")
+    )
+    assert torch.equal(
+        ARTMemory.from_file(tmp_path / "f32" / ART_MEMORY_FILE, dtype=torch.float64).prototypes, small.prototypes
+    )
+    assert widened.prototypes.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 21 item 5: updates from several threads are serialised, none lost
+
+
+def test_updates_from_two_threads_lose_nothing():
+    memory = ARTMemory(8, vigilance=0.99, max_categories=1024)
+    rows = torch.randn(2, 200, 8, generator=torch.Generator().manual_seed(0))  # pairwise far apart: 400 new categories
+    start = threading.Barrier(2)
+
+    def learn(part):
+        start.wait()
+        for row in part:
+            memory.update(row[None])
+
+    threads = [threading.Thread(target=learn, args=(rows[i],)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert memory.num_categories == 400
+    assert int(memory.counts.sum()) == 400 and int(memory.novelty_histogram.sum()) == 400
+    # each row is its own category, stored exactly once
+    stored = {tuple(row.tolist()) for row in memory.prototypes}
+    assert len(stored) == 400
+    copy = deepcopy(memory)  # the lock does not stop a copy (or a pickle) of the memory
+    assert torch.equal(copy.prototypes, memory.prototypes)

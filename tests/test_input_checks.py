@@ -47,6 +47,11 @@ nan_state[1, 2, 5] = float("nan")
         # issue 11 item 10: unchecked values
         (dict(past_hidden_states=nan_state), r"`past_hidden_states` holds NaN or Inf"),
         (dict(past_hidden_states=torch.full((2, 3, 32), float("inf"))), r"`past_hidden_states` holds NaN or Inf"),
+        # issue 21 item 4: finite in float64, infinite in the model's float32
+        (
+            dict(past_hidden_states=torch.full((2, 3, 32), 1e300, dtype=torch.float64)),
+            r"`past_hidden_states` holds NaN or Inf, or values beyond the model's dtype torch.float32",
+        ),
         (dict(attention_mask=torch.tensor([[1, 1, -1, 1, 1], [1] * 5])), r"only 0 \(skip\) and 1 \(read\), got -1"),
         (dict(attention_mask=torch.full((2, 5), 2.0)), r"`attention_mask` must hold only 0 .* got 2.0"),
         (dict(logits_to_keep=-2), r"`logits_to_keep` must be an int >= 0 .*got -2"),
