@@ -58,12 +58,14 @@ def cmd_generate(args) -> int:
     torch.manual_seed(seed)
     inputs = tokenizer(args.prompt, return_tensors="pt")
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+    # Sampling settings only when sampling: transformers warns about a top_k or temperature that greedy ignores.
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
+    if args.greedy:
+        sampling = {"do_sample": False}
     model.generate(
         **inputs,
         max_new_tokens=args.max_new_tokens,
-        do_sample=not args.greedy,
-        temperature=args.temperature,
-        top_k=args.top_k,
+        **sampling,
         streamer=streamer,
         pad_token_id=tokenizer.pad_token_id,
     )

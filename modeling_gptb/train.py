@@ -700,6 +700,15 @@ def end_distributed(accelerator: Accelerator):
 # The end of a run: report, sample, Hub-ready folder, plot
 
 
+def saved_generation_config(tokenizer) -> GenerationConfig:
+    """The `generation_config.json` of a trained model: its special tokens only. A saved length (`max_new_tokens`)
+    would beat a caller's `max_length`, and saved sampling settings would make a plain `generate()` or `pipeline`
+    sample where users expect transformers' defaults (greedy, `max_length=20`; the pipeline's own)."""
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+
+
 def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_texts: list[str]):
     from .art_report import art_report, format_art_report
     from .model_card import render_model_card
@@ -722,14 +731,7 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
         result["sample"] = tokenizer.decode(sample[0], skip_special_tokens=True)
         print(f"\nSample: {result['sample']!r}\n")
 
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=True,
-        top_k=40,
-        max_new_tokens=100,
-    )
+    model.generation_config = saved_generation_config(tokenizer)
     staging = output / INCOMING
     if staging.exists():
         shutil.rmtree(staging)

@@ -72,6 +72,16 @@ def test_generate_draws_a_fresh_seed_each_run_prints_it_and_repeats_a_given_one(
     assert status == 0 and again == samples[0] and f"seed {seeds[0]}" in err
 
 
+def test_greedy_generate_gives_no_warning_about_sampling_settings(folder):
+    # Issue 20 item 2: --greedy passed the default top_k and temperature along, and transformers warned that
+    # `top_k` "may be ignored". A real process: pytest's log capture would hide transformers' warning.
+    command = ["generate", str(folder), "--prompt", "Return the", "--max_new_tokens", "4", "--greedy", "--seed", "1"]
+    done = subprocess.run([sys.executable, "-m", "modeling_gptb.cli", *command], capture_output=True, text=True)
+    assert (
+        done.returncode == 0 and done.stderr == "gptb generate: seed 1 (pass --seed 1 to get this sample again)\n"
+    ), done.stderr
+
+
 def test_generate_on_a_folder_without_a_tokenizer_says_so_and_takes_one(tmp_path, folder, capsys):
     bare = save_model_folder(tmp_path / "bare", tokenizer=False)
     status, out, _ = generate(capsys, bare, "--prompt", "Return the", "--seed", 3)

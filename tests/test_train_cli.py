@@ -70,6 +70,24 @@ def test_output_is_a_hub_ready_folder(trained):
     assert (trained / "checkpoints" / "step-6" / "art_memory.safetensors").is_file()
 
 
+@pytest.mark.smoke
+def test_the_saved_generation_config_leaves_length_and_sampling_to_the_caller(trained):
+    # Issue 20 item 2: a saved max_new_tokens=100 beat generate(max_length=12), and a saved do_sample/top_k made a
+    # plain generate() sample. The folder keeps the special tokens only, so transformers' defaults apply.
+    saved = json.loads((trained / "generation_config.json").read_text())
+    assert not {"max_new_tokens", "max_length", "do_sample", "top_k", "temperature"} & set(saved), saved
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    ids = AutoTokenizer.from_pretrained(trained)("Return the", return_tensors="pt").input_ids
+    assert model.generate(ids, max_length=12).shape == (1, 12)
+    plain = []
+    for seed in (1, 2):  # a plain generate() that sampled would differ between seeds
+        torch.manual_seed(seed)
+        plain.append(model.generate(ids, min_new_tokens=20))  # min_new_tokens: no early end-of-text
+    greedy = model.generate(ids, do_sample=False, max_new_tokens=20)
+    assert plain[0].shape == (1, ids.shape[1] + 20)  # transformers' default: 20 new tokens
+    assert torch.equal(plain[0], greedy) and torch.equal(plain[1], greedy)
+
+
 def test_resume_ends_like_the_uninterrupted_run(trained, tmp_path):
     output = tmp_path / "out"
     assert train(output, "--stop_after_step", "3") == 0
