@@ -2,7 +2,8 @@
 
 Each step reads one token and a fixed-size state of M vectors (the model's own previous outputs), runs GPT-2 blocks
 over that window of M + 1 positions and emits the logits for the next token and the next state. The exact step is
-in `docs/design.md#the-step`. Parameter names and layout are GPT-2's, so a GPT-2 checkpoint warm-starts it.
+in `docs/design.md#the-step`; the step itself (its window, mask and loop) is in `recurrent_step.py`, this file has the
+transformers plumbing. Parameter names and layout are GPT-2's, so a GPT-2 checkpoint warm-starts it.
 
 This file travels to the Hub as remote code: it imports only the standard library, torch, transformers and its
 sibling files.
@@ -28,6 +29,7 @@ from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTOutput, ARTStatus
 from .chunked_loss import chunked_causal_lm_loss
 from .configuration_gptb import GPTBConfig
 from .cuda_graphs import DecodeGraphs
+from .recurrent_step import RecurrentSteps
 from .state_update import (
     GatedStateUpdate,
     ResidualStateUpdate,
@@ -402,12 +404,7 @@ class GPTBPreTrainedModel(PreTrainedModel):
         return render_model_card(self, repo_id=repo_id).content
 
 
-def _join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """The spans' outputs as one tensor; a single span (no checkpointing) is returned without a copy."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-class GPTBModel(GPTBPreTrainedModel):
+class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
     """
     The recurrent GPT-2 body: embeddings, the learned initial state `initial_embeds`, the blocks and `ln_f`, stepped
     over the sequence. Returns the last layer's output at each step's token position and the final state.
@@ -437,38 +434,6 @@ class GPTBModel(GPTBPreTrainedModel):
     def initial_state(self, batch_size: int) -> torch.Tensor:
         """The state before the first token, `(batch_size, state_size, n_embd)`."""
         return self.initial_embeds.unsqueeze(0).expand(batch_size, -1, -1)
-
-    def compile_step(self, **compile_kwargs) -> "GPTBModel":
-        """
-        Compile one step's window (blocks and `ln_f`) with `torch.compile(**compile_kwargs)`; every step reuses it.
-
-        Optional and off by default: on a CPU it measured no gain (eager 190 ms, compiled 187 ms for the quick
-        benchmark's 8 steps) for 17 s of compiling. Meant for GPUs, where small batches are bound by kernel launches.
-        With `mode="reduce-overhead"` (CUDA graphs) a replay overwrites the previous step's outputs, which `forward`
-        still holds: not supported yet.
-        """
-        self._window = torch.compile(self._window, **compile_kwargs)
-        return self
-
-    def _window(self, window: torch.Tensor, all_layers: bool, attentions: bool = False):
-        """
-        Blocks and `ln_f` over one window. With `all_layers`, also every layer's output at the token position
-        `(n_layer + 1, batch, n_embd)`; with `attentions`, every block's weights `(n_layer, batch, n_head, M+1, M+1)`.
-        """
-        x = self.drop(window)
-        per_layer = [x[:, -1]] if all_layers else None
-        weights = [] if attentions else None
-        for block in self.h:
-            x, block_weights = block(x, attentions)
-            if all_layers:
-                per_layer.append(x[:, -1])
-            if attentions:
-                weights.append(block_weights)
-        x = self.ln_f(x)
-        if all_layers:
-            per_layer[-1] = x[:, -1]
-            per_layer = torch.stack(per_layer, dim=0)
-        return x, per_layer, torch.stack(weights, dim=0) if attentions else None
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -526,29 +491,9 @@ class GPTBModel(GPTBPreTrainedModel):
             state = self.initial_state(batch)
         state = state.to(device=token_embeds.device, dtype=token_embeds.dtype)
 
-        positions = self.wpe(self.window_positions)
-        # With activation checkpointing only the state every `span` steps is kept; each span is recomputed whole in
-        # the backward pass. Without it, one span runs the whole call.
-        checkpointed = self.gradient_checkpointing and self.training
-        span = (self.config.checkpoint_every_steps or 1) if checkpointed else steps
-        token_outputs, layer_outputs, attention_outputs = [], [], []
-        for start in range(0, steps, span):
-            args = (state, token_embeds[:, start : start + span], positions, step_mask, start)
-            args += (output_hidden_states, output_attentions)
-            if checkpointed:
-                state, tokens, per_layer, weights = self._gradient_checkpointing_func(self._run_steps, *args)
-            else:
-                state, tokens, per_layer, weights = self._run_steps(*args)
-            token_outputs.append(tokens)
-            layer_outputs.append(per_layer)
-            attention_outputs.append(weights)
-
-        last_hidden_state = _join(token_outputs, dim=1)
-        hidden_states = attentions = None
-        if output_hidden_states:
-            hidden_states = tuple(_join(layer_outputs, dim=2).unbind(0))
-        if output_attentions:
-            attentions = tuple(_join(attention_outputs, dim=3).unbind(0))  # per layer: (B, H, T, M+1, M+1)
+        state, last_hidden_state, hidden_states, attentions = self._run_call(
+            state, token_embeds, step_mask, output_hidden_states, output_attentions
+        )
         new_cache = GPTBCache(state, consumed + steps) if use_cache else None
 
         if not return_dict:
@@ -559,40 +504,6 @@ class GPTBModel(GPTBPreTrainedModel):
             cache=new_cache,
             hidden_states=hidden_states,
             attentions=attentions,
-        )
-
-    def _run_steps(self, state, token_embeds, positions, step_mask, start, all_layers, attentions):
-        """
-        The steps `start .. start + k - 1` of a call, for the `k` tokens of `token_embeds` `(B, k, D)`, from `state`.
-        Returns the state after them, the last layer's outputs at the token positions `(B, k, D)`, and with
-        `all_layers` / `attentions` the per-step outputs of `_window` stacked along dimension 2 / 3. One function so
-        activation checkpointing can recompute `k` steps at a time (`config.checkpoint_every_steps`).
-        """
-        bptt = self.config.bptt_steps
-        token_outputs, layer_outputs, attention_outputs = [], [], []
-        for i in range(token_embeds.shape[1]):
-            t = start + i
-            if bptt is not None and t > 0 and t % bptt == 0:
-                state = state.detach()
-            state_read = state if self.state_update is None else self.state_update.read(state)
-            window = torch.cat([state_read, token_embeds[:, i : i + 1]], dim=1) + positions
-            out, per_layer, weights = self._window(window, all_layers, attentions)
-            new_state = out[:, : self.state_size]
-            if self.state_update is not None:
-                new_state = self.state_update(state, new_state, out[:, -1], token_embeds[:, i])
-            if step_mask is not None:
-                new_state = torch.where(step_mask[:, t, None, None], new_state, state)
-            state = new_state
-            token_outputs.append(out[:, -1])
-            if all_layers:
-                layer_outputs.append(per_layer)
-            if attentions:
-                attention_outputs.append(weights)
-        return (
-            state,
-            torch.stack(token_outputs, dim=1),
-            torch.stack(layer_outputs, dim=2) if all_layers else None,
-            torch.stack(attention_outputs, dim=3) if attentions else None,
         )
 
     # -- input checks: a clear error before any work -------------------------------------------------------------
