@@ -56,11 +56,12 @@ from .art_rules import (
     to_unit_interval,
 )
 
+# ART_MAX_BUFFER_BYTES: what `ARTMemory.from_pretrained` may allocate for a file's buffers unless the caller allows
+# more (1 GiB); a GPTBConfig's art_max_categories is held to the same bound.
+from .configuration_gptb import ART_MAX_BUFFER_BYTES
+
 # The values of `ARTMemory.engine`. "auto" is the block engine everywhere until the device engine is measured faster.
 ART_ENGINES = ("auto", "block", "device")
-
-# What `ARTMemory.from_pretrained` may allocate for a file's buffers unless the caller allows more (1 GiB).
-ART_MAX_BUFFER_BYTES = 2**30
 
 
 def _exact_arithmetic(method):

@@ -11,6 +11,7 @@ from transformers.activations import ACT2FN
 from .state_update import check_state_update_fields
 
 ART_RULES = ("cosine", "fuzzy")
+ART_MAX_BUFFER_BYTES = 2**30  # the bound on an ART memory's buffers: a config's, and a loaded file's by default
 ART_POOLINGS = ("mean", "state", "last")
 
 # GPT-2 config keys that GPTB has no use for; dropped when converting a GPT-2 config.
@@ -245,6 +246,15 @@ class GPTBConfig(PretrainedConfig):
         finite_number("art_loss_weight", 0, low_inclusive=True)
         if self.art_rule not in ART_RULES:
             raise ValueError(f"GPTBConfig.art_rule must be one of {ART_RULES}, got {self.art_rule!r}")
+        if self.art_enabled:  # refused before the model allocates the memory's buffers (float32 prototypes)
+            stored_dim = self.n_embd * (2 if self.art_rule == "fuzzy" else 1)
+            needed = self.art_max_categories * (stored_dim * 4 + 8)
+            if needed > ART_MAX_BUFFER_BYTES:
+                raise ValueError(
+                    f"GPTBConfig.art_max_categories={self.art_max_categories} with n_embd={self.n_embd} needs "
+                    f"{needed:,} bytes of ART memory buffers, above the 1 GiB bound; at most "
+                    f"{ART_MAX_BUFFER_BYTES // (stored_dim * 4 + 8):,} categories"
+                )
         if self.art_pooling not in ART_POOLINGS:
             raise ValueError(f"GPTBConfig.art_pooling must be one of {ART_POOLINGS}, got {self.art_pooling!r}")
         if not isinstance(self.activation_function, str) or self.activation_function not in ACT2FN:

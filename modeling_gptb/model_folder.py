@@ -60,18 +60,35 @@ def _saved_shapes(path: Path, folder) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _expected_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """The tensors the config's model saves (built on the meta device: no memory), and the tied ones it may omit."""
+LAYER_PREFIX = "transformer.h.0."
+
+
+def _expected_shapes(path: Path, folder, saved: int) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The tensors the config's model saves, and the tied ones it may omit. One block is built (on the meta device:
+    no memory) and its names repeated for each layer, unless the config describes far more tensors than the weights'
+    header holds (`saved`): the work is bounded by the files' sizes, whatever n_layer the config claims."""
     import torch
 
     from .configuration_gptb import GPTBConfig
     from .modeling_gptb import GPTBLMHeadModel
 
     config = GPTBConfig.from_pretrained(path)
+    layers, config.n_layer = config.n_layer, 1
     with torch.device("meta"):
         model = GPTBLMHeadModel(config)
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    return shapes, set(model.all_tied_weights_keys)
+    one_layer = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    tied = set(model.all_tied_weights_keys)
+    block = {name[len(LAYER_PREFIX) :]: shape for name, shape in one_layer.items() if name.startswith(LAYER_PREFIX)}
+    count = len(one_layer) - len(block) + layers * len(block)
+    if count > 2 * saved + 1024:  # far more than the header holds: said from the counts, before listing names
+        raise ValueError(
+            f"{folder}/config.json describes {count - len(tied):,} tensors (n_layer={layers}) but its weights hold "
+            f"{saved:,}: not the GPTB model its config describes; {HINT}"
+        )
+    shapes = {name: shape for name, shape in one_layer.items() if not name.startswith(LAYER_PREFIX)}
+    for layer in range(layers):
+        shapes.update({f"transformer.h.{layer}.{name}": shape for name, shape in block.items()})
+    return shapes, tied
 
 
 def check_model_folder(folder: str | os.PathLike) -> Path:
@@ -89,7 +106,7 @@ def check_model_folder(folder: str | os.PathLike) -> Path:
             f"dropped; set art_enabled to true or remove the file"
         )
     saved = _saved_shapes(path, folder)
-    expected, tied = _expected_shapes(path)
+    expected, tied = _expected_shapes(path, folder, len(saved))
     missing = sorted(set(expected) - set(saved) - tied)
     unexpected = sorted(set(saved) - set(expected))
     mismatched = sorted(name for name in set(saved) & set(expected) if saved[name] != expected[name])

@@ -223,3 +223,41 @@ def test_from_pretrained_warns_about_foreign_weights(tmp_path, folder):
     assert proc.returncode == 0, proc.stderr
     for word in ("LOAD REPORT", "encoder.weight", "UNEXPECTED", "transformer.wte.weight", "MISSING"):
         assert word in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 21 items 7 and 8: a config.json cannot make a load allocate or work without bound
+
+
+def test_a_config_describing_far_more_layers_than_the_weights_hold_is_refused_at_once(tmp_path, folder, capsys):
+    import time
+
+    broken = tmp_path / "deep"
+    broken.mkdir()
+    for item in folder.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    edit_config(broken, lambda config: config.update(n_layer=100_000))  # took past 300 s (model built on meta)
+    start = time.perf_counter()
+    assert cli.main(["art-report", str(broken), "--text", "x"]) == 2
+    assert time.perf_counter() - start < 10
+    err = one_line_error(capsys, "art-report")
+    assert "config.json describes 1,200,009 tensors (n_layer=100000)" in err and "hold 33" in err, err
+
+
+def test_a_config_whose_art_memory_exceeds_the_bound_is_refused_before_allocating(tmp_path, folder, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from modeling_gptb import GPTBConfig
+
+    with pytest.raises(ValueError, match=r"GPTBConfig.art_max_categories=20000000 .* above the 1 GiB bound"):
+        GPTBConfig(n_embd=32, n_head=4, art_enabled=True, art_max_categories=20_000_000)
+    GPTBConfig(n_embd=32, n_head=4, art_enabled=False, art_max_categories=20_000_000)  # no memory, nothing to allocate
+    big = tmp_path / "big"
+    big.mkdir()
+    for item in folder.iterdir():
+        (big / item.name).write_bytes(item.read_bytes())
+    edit_config(big, lambda config: config.update(art_max_categories=20_000_000))  # allocated 2.38 GiB
+    with pytest.raises(ValueError, match="art_max_categories"):
+        AutoModelForCausalLM.from_pretrained(big)
+    assert cli.main(["generate", str(big), "--prompt", "x", "--seed", "0"]) == 2
+    assert "art_max_categories" in one_line_error(capsys, "generate")

@@ -2,12 +2,20 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from modeling_gptb.experiments import EXPERIMENTS, common
 from modeling_gptb.experiments.__main__ import main
+from modeling_gptb.output_folder import KILL_ENV
+
+REPO = Path(__file__).resolve().parents[1]
 
 EXPECTED = {
     "sample_efficiency": ({"runs", "summary", "config", "seeds", "machine"}, ["curves.png", "ablations.png"]),
@@ -105,3 +113,35 @@ def test_fpr_at_tpr():
 def test_roc_curve_ends():
     fpr, tpr = common.roc_curve([0.1, 0.4], [0.35, 0.8])
     assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+
+
+# Issue 21 item 6 / issue 18 item 4: each finished (model, seed) is saved as it ends; a killed run resumes from them.
+FIRST_RECORD = {
+    "memory": ("runs", "recall_k4", "gptb_residual"),
+    "sample_efficiency": ("runs", "gptb"),
+    "continual": ("runs", "plain"),
+    "novelty": ("per_seed",),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_a_killed_experiment_keeps_its_finished_runs_and_resumes_from_them(name, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "modeling_gptb.experiments", name, "--preset", "mini", "--out", str(out)]
+    command += ["--seeds", "2"] if name == "novelty" else []
+    env = {**os.environ, KILL_ENV: "experiment-record-saved"}  # SIGKILL right after the first record is saved
+    killed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    saved = sorted((out / "runs").rglob("seed-*.json"))
+    assert len(saved) == 1 and not (out / "results.json").exists()
+    record = json.loads(saved[0].read_text())["record"]
+
+    assert main(command[3:]) == 0
+    result = json.loads((out / "results.json").read_text())
+    first = result
+    for key in FIRST_RECORD[name]:
+        first = first[key]
+    assert first[0] == record  # read back, not trained again (its timing would differ)
+    records = sorted((out / "runs").rglob("seed-*.json"))
+    assert len(records) > 1 and all(json.loads(p.read_text())["record"]["seed"] in (0, 1) for p in records)

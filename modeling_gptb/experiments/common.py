@@ -7,8 +7,10 @@ evaluate and report the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from modeling_gptb import GPTBConfig, GPTBLMHeadModel
 from modeling_gptb.data import load_corpus, tokenize_and_chunk
+from modeling_gptb.output_folder import crash_point
 from modeling_gptb.throughput import state_update_flops
 from modeling_gptb.tokenization import _bytes_to_unicode, byte_tokenizer, token_config_kwargs, train_tokenizer
 
@@ -415,8 +418,51 @@ def finish_run(header: dict, out: Path, plots, report, **fields) -> dict:
 
 
 def write_json(path: Path, data: dict) -> Path:
-    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    """Written whole or not at all: to a temporary file beside `path`, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
     return path
+
+
+class FinishedRuns:
+    """
+    The finished (model, seed) records of an experiment in `out/runs/KEY/seed-N.json`, each saved as it ends, so a
+    killed experiment keeps what finished, and the next run of the same experiment and preset config into the same
+    folder reads them back instead of training again (records of another config are trained again, and replaced).
+    """
+
+    def __init__(self, out: Path, header: dict):
+        self.folder = out / "runs"
+        made_by = {key: header[key] for key in ("experiment", "preset", "config")}
+        self.stamp = hashlib.sha256(json.dumps(made_by, sort_keys=True, default=float).encode()).hexdigest()
+
+    def path(self, key: str, seed: int) -> Path:
+        return self.folder / key / f"seed-{seed}.json"
+
+    def get(self, key: str, seed: int) -> dict | None:
+        path = self.path(key, seed)
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        if saved.get("stamp") != self.stamp:
+            return None
+        print(f"{key} seed {seed}: finished earlier, read from {path}")
+        return saved["record"]
+
+    def save(self, key: str, seed: int, record: dict) -> dict:
+        """Save `record` and return it as saved (JSON types), so a resumed run sees what an uninterrupted one does."""
+        record = json.loads(json.dumps(record, default=float))
+        path = self.path(key, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"stamp": self.stamp, "record": record})
+        crash_point("experiment-record-saved")
+        return record
+
+    def run(self, key: str, seed: int, train: Callable[..., dict], *args, **kwargs) -> dict:
+        """The saved record of (key, seed), or that of `train(*args, **kwargs)`, saved."""
+        saved = self.get(key, seed)
+        return saved if saved is not None else self.save(key, seed, train(*args, **kwargs))
 
 
 def write_report(path: Path, title: str, sections: list[str]) -> Path:

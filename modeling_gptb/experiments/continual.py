@@ -109,8 +109,12 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
     a, b = p["domain_a"], p["domain_b"]
 
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    finished = common.FinishedRuns(out, header)
     for seed in seeds:
         for method, overrides in METHODS.items():
+            if (record := finished.get(method, seed)) is not None:
+                runs[method].append(record)
+                continue
             common.set_seed(seed)
             extra = {**p["art"], **overrides} if overrides.get("art_enabled") else {}
             model = common.gptb_model(tokenizer, p["arch"], state_size=p["state_size"], **extra)
@@ -138,19 +142,23 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
             curve_steps = ha["eval_step"] + [p["steps_a"] + s for s in hb["eval_step"][1:]]
             curve = ha["eval"] + hb["eval"][1:]
             runs[method].append(
-                {
-                    "seed": seed,
-                    "eval_step": curve_steps,
-                    "loss_a": [e[a]["loss"] for e in curve],
-                    "loss_b": [e[b]["loss"] for e in curve],
-                    "a_after_a": ha["eval"][-1][a]["loss"],
-                    "b_after_a": ha["eval"][-1][b]["loss"],
-                    "a_after_b": hb["eval"][-1][a]["loss"],
-                    "b_after_b": hb["eval"][-1][b]["loss"],
-                    "forgetting": hb["eval"][-1][a]["loss"] - ha["eval"][-1][a]["loss"],
-                    "art_categories": model.art_memory.num_categories if model.art_memory is not None else 0,
-                    "sec_per_step": (ha["seconds"] + hb["seconds"]) / (p["steps_a"] + p["steps_b"]),
-                }
+                finished.save(
+                    method,
+                    seed,
+                    {
+                        "seed": seed,
+                        "eval_step": curve_steps,
+                        "loss_a": [e[a]["loss"] for e in curve],
+                        "loss_b": [e[b]["loss"] for e in curve],
+                        "a_after_a": ha["eval"][-1][a]["loss"],
+                        "b_after_a": ha["eval"][-1][b]["loss"],
+                        "a_after_b": hb["eval"][-1][a]["loss"],
+                        "b_after_b": hb["eval"][-1][b]["loss"],
+                        "forgetting": hb["eval"][-1][a]["loss"] - ha["eval"][-1][a]["loss"],
+                        "art_categories": model.art_memory.num_categories if model.art_memory is not None else 0,
+                        "sec_per_step": (ha["seconds"] + hb["seconds"]) / (p["steps_a"] + p["steps_b"]),
+                    },
+                )
             )
 
     keys = ("a_after_a", "a_after_b", "forgetting", "b_after_a", "b_after_b")

@@ -342,6 +342,7 @@ def run(preset: str, seeds: list[int], out: Path, tasks: list[str] | None = None
     task_specs = _subset(p["tasks"], tasks, "task")
     model_specs = _subset(p["models"], models, "model")
     runs: dict[str, dict[str, list[dict]]] = {}
+    finished = common.FinishedRuns(out, header)
     for task_name, task_spec in task_specs.items():
         index = list(p["tasks"]).index(task_name)  # the same held-out set whichever tasks run together
         test = held_out_set(task_spec["task"], p["test_size"], index, **task_spec["params"])
@@ -351,7 +352,17 @@ def run(preset: str, seeds: list[int], out: Path, tasks: list[str] | None = None
             if not applies(model_spec, task_spec, length):
                 continue
             runs[task_name][model_name] = [
-                train_one(task_spec, model_spec, p, seed, test, desc=f"{task_name} {model_name} seed {seed}")
+                finished.run(
+                    f"{task_name}/{model_name}",
+                    seed,
+                    train_one,
+                    task_spec,
+                    model_spec,
+                    p,
+                    seed,
+                    test,
+                    desc=f"{task_name} {model_name} seed {seed}",
+                )
                 for seed in seeds
             ]
     return _finish(header, out, runs, task_specs, model_specs)

@@ -120,7 +120,11 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
     }
 
     per_seed = []
+    finished = common.FinishedRuns(out, header)
     for seed in seeds:
+        if (record := finished.get("gptb", seed)) is not None:
+            per_seed.append(record)
+            continue
         common.set_seed(seed)
         model = common.gptb_model(tokenizer, p["arch"], state_size=p["state_size"], art_enabled=True, **p["art"])
         batches = common.BatchStream(train_stream, p["tokens_per_step"], seed)
@@ -152,16 +156,20 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
                 for method in METHODS
             }
         per_seed.append(
-            {
-                "seed": seed,
-                "art_categories": model.art_memory.num_categories,
-                "art_refit_categories": refit.num_categories,
-                "final_train_loss": history["train_loss"][-1],
-                "sec_per_step": history["sec_per_step"],
-                "metrics": metrics,
-                "mean_scores": {d: {m: float(v.mean()) for m, v in s.items()} for d, s in scores.items()},
-                "scores": {d: {m: v.tolist() for m, v in s.items()} for d, s in scores.items()},
-            }
+            finished.save(
+                "gptb",
+                seed,
+                {
+                    "seed": seed,
+                    "art_categories": model.art_memory.num_categories,
+                    "art_refit_categories": refit.num_categories,
+                    "final_train_loss": history["train_loss"][-1],
+                    "sec_per_step": history["sec_per_step"],
+                    "metrics": metrics,
+                    "mean_scores": {d: {m: float(v.mean()) for m, v in s.items()} for d, s in scores.items()},
+                    "scores": {d: {m: v.tolist() for m, v in s.items()} for d, s in scores.items()},
+                },
+            )
         )
 
     summary = {

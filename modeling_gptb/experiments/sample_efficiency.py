@@ -134,8 +134,12 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
     specs = variants(p)
 
     runs: dict[str, list[dict]] = {name: [] for name in specs}
+    finished = common.FinishedRuns(out, header)
     for seed in seeds:
         for name, spec in specs.items():
+            if (record := finished.get(name, seed)) is not None:
+                runs[name].append(record)
+                continue
             common.set_seed(seed)
             if spec["kind"] == "gptb":
                 model = common.gptb_model(tokenizer, p["arch"], **spec["overrides"])
@@ -162,17 +166,21 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
                 desc=f"{name} seed {seed}",
             )
             runs[name].append(
-                {
-                    "seed": seed,
-                    "params": sum(t.numel() for t in model.parameters()),
-                    "train_flops_per_token": flops,
-                    "eval_tokens": history["eval_tokens"],
-                    "eval_flops": [t * flops for t in history["eval_tokens"]],
-                    "eval_loss": [e["loss"] for e in history["eval"]],
-                    "eval_bpb": [e["bpb"] for e in history["eval"]],
-                    "train_loss": history["train_loss"],
-                    "sec_per_step": history["sec_per_step"],
-                }
+                finished.save(
+                    name,
+                    seed,
+                    {
+                        "seed": seed,
+                        "params": sum(t.numel() for t in model.parameters()),
+                        "train_flops_per_token": flops,
+                        "eval_tokens": history["eval_tokens"],
+                        "eval_flops": [t * flops for t in history["eval_tokens"]],
+                        "eval_loss": [e["loss"] for e in history["eval"]],
+                        "eval_bpb": [e["bpb"] for e in history["eval"]],
+                        "train_loss": history["train_loss"],
+                        "sec_per_step": history["sec_per_step"],
+                    },
+                )
             )
 
     summary = {}
