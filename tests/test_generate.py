@@ -73,6 +73,7 @@ def reference_greedy(model, input_ids, new_tokens, state=None):
 # Greedy
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("rebias", [True, False])
 def test_greedy_equals_reference_greedy_loop(rebias):
     model = sharp_model(rebias=rebias, eos_token_id=None)
@@ -145,6 +146,7 @@ def test_sampling_draws_from_the_reference_distribution():
     torch.testing.assert_close(torch.stack(out.logits, dim=1).double(), ref_logits[:, 2:], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("num_return_sequences", [1, 3])
 def test_beam_search_with_cache_equals_recompute(num_return_sequences):
     model = sharp_model(eos_token_id=None)
@@ -245,6 +247,7 @@ def test_left_padded_beam_search_equals_one_at_a_time():
     assert torch.equal(batched[2:, 5:], second[:, 5:])
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("pass_attention_mask", [False, True])
 def test_continue_from_returned_cache_with_full_sequence(pass_attention_mask):
     model = sharp_model(eos_token_id=None)
@@ -382,6 +385,7 @@ def test_text_iterator_streamer_yields_the_generated_text():
     assert "".join(pieces).strip() == tok.decode(result["out"][0, 3:]).strip()
 
 
+@pytest.mark.smoke
 def test_text_generation_pipeline():
     model = sharp_model(eos_token_id=None)
     tok = tiny_tokenizer()
@@ -397,6 +401,7 @@ def test_text_generation_pipeline():
     assert list(tensors[0]["generated_token_ids"]) == [4, 8, 15, 16, *ref_tokens[0].tolist()]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     "assisting",
     [{"assistant_model": "model"}, {"prompt_lookup_num_tokens": 2}, {"generation_config": "prompt_lookup"}],

@@ -154,6 +154,7 @@ SUBPROCESS_SCRIPT = WITHOUT_THE_PACKAGE + textwrap.dedent(
 )
 
 
+@pytest.mark.smoke
 def test_remote_code_in_a_fresh_process_without_the_package(saved_model, tmp_path):
     model, folder = saved_model
     work = tmp_path / "work"
