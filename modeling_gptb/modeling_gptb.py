@@ -28,6 +28,7 @@ from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTOutput, ARTStatus
 from .chunked_loss import chunked_causal_lm_loss
 from .configuration_gptb import GPTBConfig
 from .cuda_graphs import DecodeGraphs
+from .remote_card import short_model_card
 from .state_update import (
     GatedStateUpdate,
     ResidualStateUpdate,
@@ -389,16 +390,16 @@ class GPTBPreTrainedModel(PreTrainedModel):
                 card.save(card_path)
         return self._upload_modified_files(folder, repo_id, timestamps, token=token, **commit)
 
-    def model_card_text(self, repo_id: str | None = None) -> str | None:
+    def model_card_text(self, repo_id: str | None = None) -> str:
         """
         The `README.md` that [`save_pretrained`] writes into a folder without one: GPTB's one model card (the template
-        `gptb train` renders too), with this model's facts. None where only the remote code is at hand, without the
-        `gptb` package and its template: then no card is written.
+        `gptb train` renders too), with this model's facts. Where only the remote code is at hand, without the `gptb`
+        package and its template, a shorter card of the remote code's own.
         """
         try:  # absolute on purpose: the remote-code copy must not carry the package's card code with it
             from modeling_gptb.model_card import render_model_card
         except ImportError:
-            return None
+            return short_model_card(self, repo_id)
         return render_model_card(self, repo_id=repo_id).content
 
 
