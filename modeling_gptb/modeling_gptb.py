@@ -19,6 +19,7 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput, cached_file
 from transformers.utils.deprecation import deprecate_kwarg
@@ -54,6 +55,8 @@ if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24
 
 # from_pretrained arguments that say where and how to fetch files
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+# `past_key_values=` is the old name of `cache=`: one removal version for forward and generate (transformers' own)
+PAST_KEY_VALUES_REMOVED_IN = "6.0.0"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs and the generation cache
@@ -144,9 +147,23 @@ class GPTBCache:
 # GPT-2 blocks over the window (GPT-2's parameter names and Conv1D layout: weight is (in, out))
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention written out (transformers' `"eager"`), returning its weights: the window is causal only when the
+    module is (`rebias=False`). Output `(batch, width, n_head, head_dim)`, as the attention interface expects."""
+    scores = (query @ key.transpose(-2, -1)) * scaling
+    if module.is_causal:
+        width = query.shape[-2]
+        future = torch.ones(width, width, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    output = F.dropout(weights, p=dropout, training=module.training) @ value
+    return output.transpose(1, 2), weights
+
+
 class GPTBAttention(nn.Module):
     def __init__(self, config: GPTBConfig):
         super().__init__()
+        self.config = config  # read at each call: `model.set_attn_implementation(...)` switches it
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.c_attn = Conv1D(3 * config.n_embd, config.n_embd)
@@ -161,20 +178,23 @@ class GPTBAttention(nn.Module):
         batch, width, dim = x.shape
         qkv = self.c_attn(x).view(batch, width, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        dropout = self.attn_pdrop if self.training else 0.0
-        scale = 1.0 / math.sqrt(self.head_dim)
-        weights = None
-        if output_attentions:  # SDPA does not return its weights: the same attention, written out
-            scores = (q @ k.transpose(-2, -1)) * scale
-            if self.is_causal:
-                future = torch.ones(width, width, dtype=torch.bool, device=x.device).triu(1)
-                scores = scores.masked_fill(future, float("-inf"))
-            weights = scores.softmax(dim=-1)
-            y = F.dropout(weights, p=dropout, training=self.training) @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.is_causal, scale=scale)
-        y = y.transpose(1, 2).reshape(batch, width, dim)
-        return self.resid_dropout(self.c_proj(y)), weights
+        attention = eager_attention_forward
+        if self.config._attn_implementation != "eager" and not output_attentions:  # SDPA returns no weights
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        y, weights = attention(
+            self,
+            q,
+            k,
+            v,
+            None,  # no mask inside the window: padding is handled by the step (docs/design.md#padding)
+            scaling=1.0 / math.sqrt(self.head_dim),
+            dropout=self.attn_pdrop if self.training else 0.0,
+            is_causal=self.is_causal,
+        )
+        y = y.reshape(batch, width, dim)
+        return self.resid_dropout(self.c_proj(y)), weights if output_attentions else None
 
 
 class GPTBMLP(nn.Module):
@@ -471,7 +491,7 @@ class GPTBModel(GPTBPreTrainedModel):
             per_layer = torch.stack(per_layer, dim=0)
         return x, per_layer, torch.stack(weights, dim=0) if attentions else None
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -776,6 +796,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             model_kwargs["cache"] = GPTBCache(state, cache.seq_length)
         return input_ids, model_kwargs
 
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")  # before transformers' own
     def generate(self, inputs=None, generation_config=None, *args, assistant_model=None, **kwargs):
         # Refused here, not left to transformers: its own refusal changed type and wording between minor versions.
         config = generation_config if generation_config is not None else self.generation_config
@@ -793,7 +814,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             )
         return super().generate(inputs, generation_config, *args, **kwargs)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

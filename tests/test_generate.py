@@ -417,3 +417,27 @@ def test_assisted_decoding_is_refused_for_a_stateful_model(assisting):
         assisting = {"generation_config": GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=3)}
     with pytest.raises(ValueError, match="stateful .*assisted decoding"):
         model.generate(prompts(1, 3), max_new_tokens=3, do_sample=False, **assisting)
+
+
+def test_past_key_values_has_one_deprecation_with_one_removal_version():
+    # Issue 20 item 6: forward said 5.40.0 and generate (transformers' own) 6.0.0. Now each call warns once, with the
+    # same message and version, and the old name still continues from the returned state.
+    import warnings
+
+    model = sharp_model(eos_token_id=None)
+    first = model.generate(prompts(1, 4), max_new_tokens=3, return_dict_in_generate=True)
+    follow_up = torch.cat([first.sequences, torch.tensor([[7]])], 1)
+    messages = []
+    for call in (
+        lambda cache: model(follow_up[:, -1:], past_key_values=cache),
+        lambda cache: model.generate(follow_up, past_key_values=cache, max_new_tokens=2),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call(GPTBCache(first.cache.state.clone(), first.cache.seq_length))
+        deprecations = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+        assert len(deprecations) == 1, deprecations
+        messages.append(deprecations[0].split(" for ")[0])
+    assert messages[0] == messages[1] == "`past_key_values` is deprecated and will be removed in version 6.0.0"
+    expected = model.generate(follow_up, cache=first.cache, max_new_tokens=2)
+    assert torch.equal(model.generate(follow_up, past_key_values=first.cache, max_new_tokens=2), expected)
