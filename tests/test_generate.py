@@ -419,6 +419,7 @@ def test_assisted_decoding_is_refused_for_a_stateful_model(assisting):
         model.generate(prompts(1, 3), max_new_tokens=3, do_sample=False, **assisting)
 
 
+@pytest.mark.smoke
 def test_past_key_values_has_one_deprecation_with_one_removal_version():
     # Issue 20 item 6: forward said 5.40.0 and generate (transformers' own) 6.0.0. Now each call warns once, with the
     # same message and version, and the old name still continues from the returned state.

@@ -344,6 +344,7 @@ def test_sdpa_is_causal_follows_rebias(monkeypatch, rebias):
     assert all(is_causal is (not rebias) and mask is None for is_causal, mask in calls)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("rebias", [True, False])
 def test_set_attn_implementation_switches_to_eager_with_the_same_outputs(monkeypatch, rebias):
     # Issue 20 item 6: set_attn_implementation("eager") warned and kept SDPA. Now the switch takes effect at once, in
