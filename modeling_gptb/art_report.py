@@ -61,7 +61,8 @@ def art_report(model, tokenizer, texts=(), top=5) -> dict:
     return report
 
 
-def format_art_report(report: dict) -> str:
+def format_art_report(report: dict, texts: str = "the given texts") -> str:
+    """The report as lines to print; `texts` says what the scored texts are, in their header."""
     lines = [
         f"ART memory ({report['rule']}, vigilance {report['vigilance']}, beta {report['beta']}): "
         f"{report['num_categories']} of {report['max_categories']} categories "
@@ -74,13 +75,15 @@ def format_art_report(report: dict) -> str:
     if training:
         spread = ", ".join(f"{_ordinal(100 * q)} percentile {value:.3f}" for q, value in training.items())
         lines.append(f"  novelty of the training sequences: {spread}")
+    if report["texts"]:
+        lines.append(f"  {texts}: novelty (1 - similarity to the nearest category), where it falls, verdict, text")
     for item in report["texts"]:
         percentile = item.get("novelty_percentile")
         if percentile is None:
             where = "no training novelty recorded"
         else:
             where = f"{_ordinal(percentile)} percentile of training"
-        lines.append(f"  novelty {item['novelty']:.3f} ({where}): {item['verdict']}  {item['text']!r}")
+        lines.append(f"    novelty {item['novelty']:.3f} ({where}): {item['verdict']}  {item['text']!r}")
     return "\n".join(lines)
 
 

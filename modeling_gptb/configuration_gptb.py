@@ -75,8 +75,9 @@ class GPTBConfig(PretrainedConfig):
             only every `checkpoint_every_steps` steps and recompute that many steps at a time in the backward pass.
             `None`: every step (the same as 1).
         n_positions (`int`, defaults to 1024):
-            Rows of the position table `wpe` (only the first M + 1 are used). Kept at GPT-2's size so GPT-2 weights
-            load unchanged.
+            Rows of the position table `wpe`. A step reads only the first M + 1 (the window's positions), so this
+            bounds `state_size` (`state_size + 1 <= n_positions`), not the sequence length: GPTB has no context
+            limit. Kept at GPT-2's size so GPT-2 weights load unchanged (docs/design.md#configuration).
         art_enabled (`bool`, defaults to `False`):
             Give the model an [`ARTMemory`] (`model.art_memory`) fed with a pooled representation of each sequence
             in training mode.

@@ -15,12 +15,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 
 from .presets import data_dir
+from .remote_card import USAGE, card_data, design_url, install_command, source_url
 
 TEMPLATE_NAME = "gptb_model_card.md"
-BASE_TAGS = ("gptb", "gpt2", "recurrent", "custom_code")
 NA = "n/a"
 USAGE_PLACEHOLDER = "path/to/gptb-model"  # stands in for the repo id in the usage snippet when there is none
 
@@ -96,15 +96,7 @@ def render_model_card(
     art_enabled = bool(values.get("art_enabled", False))
     datasets = [datasets] if isinstance(datasets, str) else list(datasets or []) or None
 
-    card_tags = [*BASE_TAGS, *(["art-memory"] if art_enabled else []), *(tags or [])]
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        license=license,
-        tags=list(dict.fromkeys(card_tags)),  # in order, without duplicates
-        datasets=datasets,
-        base_model=base_model,
-    )
+    metadata = card_data(art_enabled, license=license, tags=tags, datasets=datasets, base_model=base_model)
 
     state_size, n_embd = values.get("state_size"), values.get("n_embd")
     state = NA
@@ -156,5 +148,9 @@ def render_model_card(
         "eval_loss": _fmt(training.get("eval_loss"), ".4f"),
         "eval_perplexity": _fmt(training.get("eval_perplexity"), ".2f"),
         "training_extra": _extra_rows(training, _TRAINING_KEYS),
+        "usage": USAGE.format(repo_id=repo_id or USAGE_PLACEHOLDER),
+        "source_url": source_url(),
+        "design_url": design_url(),
+        "install_command": install_command(),
     }
-    return ModelCard.from_template(card_data, template_path=str(template or template_path()), **context)
+    return ModelCard.from_template(metadata, template_path=str(template or template_path()), **context)

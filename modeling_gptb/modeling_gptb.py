@@ -20,6 +20,7 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import ModelOutput, cached_file
 from transformers.utils.deprecation import deprecate_kwarg
@@ -30,6 +31,7 @@ from .chunked_loss import chunked_causal_lm_loss
 from .configuration_gptb import GPTBConfig
 from .cuda_graphs import DecodeGraphs
 from .recurrent_step import RecurrentSteps
+from .remote_card import short_model_card
 from .state_update import (
     GatedStateUpdate,
     ResidualStateUpdate,
@@ -55,6 +57,8 @@ if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24
 
 # from_pretrained arguments that say where and how to fetch files
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+# `past_key_values=` is the old name of `cache=`: one removal version for forward and generate (transformers' own)
+PAST_KEY_VALUES_REMOVED_IN = "6.0.0"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs and the generation cache
@@ -145,9 +149,23 @@ class GPTBCache:
 # GPT-2 blocks over the window (GPT-2's parameter names and Conv1D layout: weight is (in, out))
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention written out (transformers' `"eager"`), returning its weights: the window is causal only when the
+    module is (`rebias=False`). Output `(batch, width, n_head, head_dim)`, as the attention interface expects."""
+    scores = (query @ key.transpose(-2, -1)) * scaling
+    if module.is_causal:
+        width = query.shape[-2]
+        future = torch.ones(width, width, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    output = F.dropout(weights, p=dropout, training=module.training) @ value
+    return output.transpose(1, 2), weights
+
+
 class GPTBAttention(nn.Module):
     def __init__(self, config: GPTBConfig):
         super().__init__()
+        self.config = config  # read at each call: `model.set_attn_implementation(...)` switches it
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         self.c_attn = Conv1D(3 * config.n_embd, config.n_embd)
@@ -162,20 +180,23 @@ class GPTBAttention(nn.Module):
         batch, width, dim = x.shape
         qkv = self.c_attn(x).view(batch, width, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        dropout = self.attn_pdrop if self.training else 0.0
-        scale = 1.0 / math.sqrt(self.head_dim)
-        weights = None
-        if output_attentions:  # SDPA does not return its weights: the same attention, written out
-            scores = (q @ k.transpose(-2, -1)) * scale
-            if self.is_causal:
-                future = torch.ones(width, width, dtype=torch.bool, device=x.device).triu(1)
-                scores = scores.masked_fill(future, float("-inf"))
-            weights = scores.softmax(dim=-1)
-            y = F.dropout(weights, p=dropout, training=self.training) @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.is_causal, scale=scale)
-        y = y.transpose(1, 2).reshape(batch, width, dim)
-        return self.resid_dropout(self.c_proj(y)), weights
+        attention = eager_attention_forward
+        if self.config._attn_implementation != "eager" and not output_attentions:  # SDPA returns no weights
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        y, weights = attention(
+            self,
+            q,
+            k,
+            v,
+            None,  # no mask inside the window: padding is handled by the step (docs/design.md#padding)
+            scaling=1.0 / math.sqrt(self.head_dim),
+            dropout=self.attn_pdrop if self.training else 0.0,
+            is_causal=self.is_causal,
+        )
+        y = y.reshape(batch, width, dim)
+        return self.resid_dropout(self.c_proj(y)), weights if output_attentions else None
 
 
 class GPTBMLP(nn.Module):
@@ -391,16 +412,16 @@ class GPTBPreTrainedModel(PreTrainedModel):
                 card.save(card_path)
         return self._upload_modified_files(folder, repo_id, timestamps, token=token, **commit)
 
-    def model_card_text(self, repo_id: str | None = None) -> str | None:
+    def model_card_text(self, repo_id: str | None = None) -> str:
         """
         The `README.md` that [`save_pretrained`] writes into a folder without one: GPTB's one model card (the template
-        `gptb train` renders too), with this model's facts. None where only the remote code is at hand, without the
-        `gptb` package and its template: then no card is written.
+        `gptb train` renders too), with this model's facts. Where only the remote code is at hand, without the `gptb`
+        package and its template, a shorter card of the remote code's own.
         """
         try:  # absolute on purpose: the remote-code copy must not carry the package's card code with it
             from modeling_gptb.model_card import render_model_card
         except ImportError:
-            return None
+            return short_model_card(self, repo_id)
         return render_model_card(self, repo_id=repo_id).content
 
 
@@ -435,7 +456,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         """The state before the first token, `(batch_size, state_size, n_embd)`."""
         return self.initial_embeds.unsqueeze(0).expand(batch_size, -1, -1)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -692,6 +713,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             model_kwargs["cache"] = GPTBCache(state, cache.seq_length)
         return input_ids, model_kwargs
 
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")  # before transformers' own
     def generate(self, inputs=None, generation_config=None, *args, assistant_model=None, **kwargs):
         # Refused here, not left to transformers: its own refusal changed type and wording between minor versions.
         config = generation_config if generation_config is not None else self.generation_config
@@ -709,7 +731,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             )
         return super().generate(inputs, generation_config, *args, **kwargs)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -29,6 +29,8 @@ from accelerate.utils.other import load as accelerate_load
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, get_cosine_schedule_with_warmup
+
+from gptb_cli.train_args import TrainArgs, build_parser  # torch-free: `gptb train --help` is quick
 
 from . import data as gptb_data
 from .configuration_gptb import GPTBConfig
@@ -59,46 +61,6 @@ from .tokenization import token_config_kwargs, train_tokenizer
 
 class TrainingError(RuntimeError):
     """A problem the user can act on; the CLI prints it and exits non-zero."""
-
-
-@dataclass
-class TrainArgs:
-    preset: str = "gptb-tiny"
-    recipe: str | None = "tiny-cpu"
-    output_dir: str = "gptb-out"
-    corpus: str = "stdlib-docs"
-    data: str | None = None
-    dataset: str | None = None
-    max_chars: int | None = 1_500_000
-    tokenizer: str | None = None
-    tokenizer_vocab_size: int | None = None
-    init_from: str | None = None
-    block_size: int = 64
-    batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 300
-    learning_rate: float = 3e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
-    eval_steps: int = 100
-    eval_batches: int = 20
-    save_steps: int = 100
-    logging_steps: int = 10
-    seed: int = 0
-    resume: str | None = None
-    stop_after_step: int | None = None
-    num_threads: int | None = None
-    compile: bool = False  # torch.compile each step's window (GPUs; see GPTBModel.compile_step)
-    activation_checkpointing: bool = False  # recompute the steps in backward; spans of config.checkpoint_every_steps
-    peak_tflops: float | None = None  # the peak MFU is measured against (default: a table of GPUs)
-    overwrite_output_dir: bool = False
-    allow_inexact_resume: bool = False
-    report_to: str | None = None
-    sample_prompt: str = "The "
-    sample_tokens: int = 80
-    overrides: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -721,7 +683,8 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
         print("The model has no ART memory (config.art_enabled is false)")
     else:
         report = art_report(model, tokenizer, eval_texts[:8])
-        print(format_art_report(report))
+        scored = f"{len(report['texts'])} held-out evaluation texts (their first 60 characters)"
+        print(format_art_report(report, texts=scored))
     if args.sample_tokens:  # 0: no sample
         torch.manual_seed(args.seed)
         prompt = tokenizer(args.sample_prompt, return_tensors="pt")
@@ -760,65 +723,6 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="gptb train", description=__doc__.split("\n\n")[0])
-    # No defaults here but the recipe's: a value given on the command line overrides the recipe, nothing else does.
-    defaults = TrainArgs()
-    parser.add_argument("--preset", help=f"model preset name or .json path (default {defaults.preset})")
-    parser.add_argument("--recipe", default=defaults.recipe, help="training recipe name or .json path ('none' = off)")
-    parser.add_argument("--output_dir", help=f"default {defaults.output_dir}")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--corpus", help=f"embedded corpus (see `gptb corpora`; default {defaults.corpus})")
-    source.add_argument("--data", help="a text file or a folder of .txt/.md/.rst/.py files")
-    source.add_argument("--dataset", help="a Hugging Face dataset name (needs `datasets` and network)")
-    parser.add_argument("--max_chars", type=int, help="cap on corpus characters")
-    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: train one on the data)")
-    parser.add_argument("--tokenizer_vocab_size", type=int)
-    parser.add_argument("--init_from", help="warm-start from a GPT-2 or GPTB checkpoint (folder or Hub id)")
-    for name in (
-        "block_size",
-        "batch_size",
-        "gradient_accumulation_steps",
-        "max_steps",
-        "warmup_steps",
-        "eval_steps",
-        "eval_batches",
-        "save_steps",
-        "logging_steps",
-        "seed",
-        "sample_tokens",
-        "num_threads",
-    ):
-        parser.add_argument(f"--{name}", type=int)
-    for name in ("learning_rate", "weight_decay", "max_grad_norm"):
-        parser.add_argument(f"--{name}", type=float)
-    parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile each step's window")
-    parser.add_argument(
-        "--activation_checkpointing",
-        action="store_true",
-        default=None,
-        help="recompute the steps in the backward pass, --set checkpoint_every_steps=K at a time (less memory)",
-    )
-    parser.add_argument("--peak_tflops", type=float, help="the peak for MFU in the log (default: known GPUs)")
-    parser.add_argument(
-        "--resume", nargs="?", const="latest", help="continue from the latest (or the given) checkpoint"
-    )
-    parser.add_argument("--overwrite_output_dir", action="store_true")
-    parser.add_argument(
-        "--allow_inexact_resume",
-        action="store_true",
-        help="resume even when the checkpoint's random-number states are missing or unreadable",
-    )
-    parser.add_argument("--stop_after_step", type=int, help="stop (as if interrupted) after this step of the schedule")
-    parser.add_argument("--report_to", choices=["tensorboard", "wandb", "none"])
-    parser.add_argument("--sample_prompt")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE", help="override a model config field (JSON value)"
-    )
-    return parser
 
 
 def args_from_namespace(namespace: argparse.Namespace) -> TrainArgs:

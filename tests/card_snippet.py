@@ -38,7 +38,8 @@ def usage_snippet(card_text: str) -> str:
     return match.group(1)
 
 
-def run_card_snippet(snippet: str, work: Path, *, hub_root: Path | None = None) -> subprocess.CompletedProcess:
+def run_card_snippet(snippet: str, work: Path, *args, hub_root: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `snippet` in a fresh process without this package; `args` follow in `sys.argv[4:]`."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "snippet.py").write_text(snippet)
     (work / "run_snippet.py").write_text(_SCRIPT)
@@ -50,7 +51,7 @@ def run_card_snippet(snippet: str, work: Path, *, hub_root: Path | None = None) 
         OMP_NUM_THREADS="1",
     )
     return subprocess.run(
-        [sys.executable, "run_snippet.py", str(REPO_ROOT), str(hub_root or ""), "snippet.py"],
+        [sys.executable, "run_snippet.py", str(REPO_ROOT), str(hub_root or ""), "snippet.py", *map(str, args)],
         cwd=work,
         env=env,
         stdin=subprocess.DEVNULL,

@@ -86,6 +86,16 @@ def test_the_report_says_what_a_text_would_do_and_where_its_novelty_sits(trained
         assert "category -1" not in line and "new " not in line
 
 
+def test_the_scored_texts_have_a_header_saying_what_they_are(trained):
+    # Issue 20 item 7: after `gptb train` eight "novelty ... resonates with category #5" lines had no header.
+    report = art_report(trained, tiny_tokenizer(), ["w1 w2 w3 w4", "w50 w7"])
+    lines = format_art_report(report, texts="2 held-out evaluation texts").splitlines()
+    header = next(i for i, line in enumerate(lines) if "2 held-out evaluation texts" in line)
+    assert "novelty (1 - similarity to the nearest category)" in lines[header]
+    assert [line.strip().startswith("novelty ") for line in lines[header + 1 :]] == [True, True]
+    assert "the given texts:" in format_art_report(report)  # `gptb art-report --text ...`
+
+
 def test_a_text_that_would_be_new_says_novel_not_category_minus_one():
     """The report's row `novelty 0.119  new  category -1`: a classify-mode row that would be new."""
     model = tiny_model(art_enabled=True, art_vigilance=1.0).train()  # nothing but an exact copy resonates

@@ -261,3 +261,53 @@ def test_a_config_whose_art_memory_exceeds_the_bound_is_refused_before_allocatin
         AutoModelForCausalLM.from_pretrained(big)
     assert cli.main(["generate", str(big), "--prompt", "x", "--seed", "0"]) == 2
     assert "art_max_categories" in one_line_error(capsys, "generate")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 20 item 7: help and argument errors without torch, and help for every option
+
+NO_TORCH_PROBE = """
+import sys, time
+start = time.perf_counter()
+from gptb_cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as done:
+    code = done.code
+heavy = sorted(name for name in ("torch", "transformers", "accelerate", "modeling_gptb") if name in sys.modules)
+print("EXIT", code, "HEAVY", heavy, "SECONDS", round(time.perf_counter() - start, 3))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["--help"], 0),
+        (["train", "--help"], 0),
+        (["generate", "--help"], 0),
+        (["train", "--max_steps", "x"], 2),
+        (["generate"], 2),
+        (["frobnicate"], 2),
+    ],
+    ids=["help", "train-help", "generate-help", "train-bad-value", "generate-missing-folder", "unknown-command"],
+)
+def test_help_and_argument_errors_import_neither_torch_nor_transformers(argv, code):
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE, *argv], capture_output=True, text=True, timeout=60)
+    result = done.stdout.splitlines()[-1]
+    assert result.startswith(f"EXIT {code} HEAVY [] "), done.stdout + done.stderr
+    print(result)  # the seconds, for the record (under 0.1 s on an idle core; not asserted on a shared machine)
+
+
+def all_parsers():
+    from gptb_cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [action for action in parser._actions if action.choices and action.dest == "command"]
+    return {"gptb": parser, **{f"gptb {name}": sub for name, sub in commands.choices.items()}}
+
+
+@pytest.mark.parametrize("command", ["gptb train", "gptb generate", "gptb art-report", "gptb push"])
+def test_every_option_has_help_text(command):
+    parser = all_parsers()[command]
+    silent = [action.dest for action in parser._actions if not (action.help or "").strip()]
+    assert not silent, f"{command} options without help text: {silent}"

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 
 from modeling_gptb import GPTBConfig
 from modeling_gptb.model_card import render_model_card
+from modeling_gptb.remote_card import design_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "docs" / "design.md"
@@ -150,10 +151,10 @@ def test_the_design_document_covers_each_subject():
     assert subjects <= anchors, f"docs/design.md lacks the sections {sorted(subjects - anchors)}"
 
 
-def test_the_model_card_names_the_design_document_without_a_link_that_breaks_on_the_hub():
-    # On the Hub a relative link resolves inside the model repo, which holds no docs/: the card names the document.
+def test_the_model_card_links_the_design_document_without_a_link_that_breaks_on_the_hub():
+    # On the Hub a relative link resolves inside the model repo, which holds no docs/: the card links the source.
     text = render_model_card(GPTBConfig(n_embd=64, n_layer=2, n_head=4, state_size=4), base_model="gpt2").text
-    assert "`docs/design.md` in the GPTB source repository" in " ".join(text.split())
+    assert f"[`docs/design.md`]({design_url()}) in the GPTB source repository" in " ".join(text.split())
     relative = [target for target in markdown_links(text) if not target.startswith("https://")]
     assert not relative, f"the model card has links that break on the Hub: {relative}"
 

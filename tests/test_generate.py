@@ -73,6 +73,7 @@ def reference_greedy(model, input_ids, new_tokens, state=None):
 # Greedy
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("rebias", [True, False])
 def test_greedy_equals_reference_greedy_loop(rebias):
     model = sharp_model(rebias=rebias, eos_token_id=None)
@@ -145,6 +146,7 @@ def test_sampling_draws_from_the_reference_distribution():
     torch.testing.assert_close(torch.stack(out.logits, dim=1).double(), ref_logits[:, 2:], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("num_return_sequences", [1, 3])
 def test_beam_search_with_cache_equals_recompute(num_return_sequences):
     model = sharp_model(eos_token_id=None)
@@ -245,6 +247,7 @@ def test_left_padded_beam_search_equals_one_at_a_time():
     assert torch.equal(batched[2:, 5:], second[:, 5:])
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("pass_attention_mask", [False, True])
 def test_continue_from_returned_cache_with_full_sequence(pass_attention_mask):
     model = sharp_model(eos_token_id=None)
@@ -382,6 +385,7 @@ def test_text_iterator_streamer_yields_the_generated_text():
     assert "".join(pieces).strip() == tok.decode(result["out"][0, 3:]).strip()
 
 
+@pytest.mark.smoke
 def test_text_generation_pipeline():
     model = sharp_model(eos_token_id=None)
     tok = tiny_tokenizer()
@@ -397,6 +401,7 @@ def test_text_generation_pipeline():
     assert list(tensors[0]["generated_token_ids"]) == [4, 8, 15, 16, *ref_tokens[0].tolist()]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize(
     "assisting",
     [{"assistant_model": "model"}, {"prompt_lookup_num_tokens": 2}, {"generation_config": "prompt_lookup"}],
@@ -412,3 +417,28 @@ def test_assisted_decoding_is_refused_for_a_stateful_model(assisting):
         assisting = {"generation_config": GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=3)}
     with pytest.raises(ValueError, match="stateful .*assisted decoding"):
         model.generate(prompts(1, 3), max_new_tokens=3, do_sample=False, **assisting)
+
+
+@pytest.mark.smoke
+def test_past_key_values_has_one_deprecation_with_one_removal_version():
+    # Issue 20 item 6: forward said 5.40.0 and generate (transformers' own) 6.0.0. Now each call warns once, with the
+    # same message and version, and the old name still continues from the returned state.
+    import warnings
+
+    model = sharp_model(eos_token_id=None)
+    first = model.generate(prompts(1, 4), max_new_tokens=3, return_dict_in_generate=True)
+    follow_up = torch.cat([first.sequences, torch.tensor([[7]])], 1)
+    messages = []
+    for call in (
+        lambda cache: model(follow_up[:, -1:], past_key_values=cache),
+        lambda cache: model.generate(follow_up, past_key_values=cache, max_new_tokens=2),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call(GPTBCache(first.cache.state.clone(), first.cache.seq_length))
+        deprecations = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+        assert len(deprecations) == 1, deprecations
+        messages.append(deprecations[0].split(" for ")[0])
+    assert messages[0] == messages[1] == "`past_key_values` is deprecated and will be removed in version 6.0.0"
+    expected = model.generate(follow_up, cache=first.cache, max_new_tokens=2)
+    assert torch.equal(model.generate(follow_up, past_key_values=first.cache, max_new_tokens=2), expected)

@@ -154,6 +154,7 @@ SUBPROCESS_SCRIPT = WITHOUT_THE_PACKAGE + textwrap.dedent(
 )
 
 
+@pytest.mark.smoke
 def test_remote_code_in_a_fresh_process_without_the_package(saved_model, tmp_path):
     model, folder = saved_model
     work = tmp_path / "work"
@@ -341,6 +342,49 @@ def test_sdpa_is_causal_follows_rebias(monkeypatch, rebias):
         model(TOKENS[:, :2])
     assert len(calls) == 2 * model.config.n_layer  # two steps, every layer through SDPA
     assert all(is_causal is (not rebias) and mask is None for is_causal, mask in calls)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("rebias", [True, False])
+def test_set_attn_implementation_switches_to_eager_with_the_same_outputs(monkeypatch, rebias):
+    # Issue 20 item 6: set_attn_implementation("eager") warned and kept SDPA. Now the switch takes effect at once, in
+    # both directions, and eager attention equals SDPA (also from_pretrained(..., attn_implementation="eager")).
+    import modeling_gptb.modeling_gptb as module
+
+    calls = {"eager": 0, "sdpa": 0}
+    eager, sdpa = module.eager_attention_forward, torch.nn.functional.scaled_dot_product_attention
+
+    def counting(name, function):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(module, "eager_attention_forward", counting("eager", eager))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting("sdpa", sdpa))
+    model = randomize(tiny_model(rebias=rebias), seed=5).double()  # float64: the two differ only in rounding
+    with torch.no_grad():
+        expected = model(TOKENS).logits
+        assert calls == {"eager": 0, "sdpa": TOKENS.shape[1] * model.config.n_layer}
+        model.set_attn_implementation("eager")
+        assert (
+            model.config._attn_implementation == "eager" and model.transformer.config._attn_implementation == "eager"
+        )
+        eager_logits = model(TOKENS).logits
+        assert calls["eager"] == TOKENS.shape[1] * model.config.n_layer and calls["sdpa"] == calls["eager"]
+        torch.testing.assert_close(eager_logits, expected, rtol=1e-10, atol=1e-10)
+        model.set_attn_implementation("sdpa")
+        assert torch.equal(model(TOKENS).logits, expected)
+
+
+def test_eager_attention_from_pretrained(saved_model):
+    _, folder = saved_model
+    eager = GPTBLMHeadModel.from_pretrained(folder, attn_implementation="eager", dtype=torch.float64)
+    sdpa = GPTBLMHeadModel.from_pretrained(folder, dtype=torch.float64)
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(TOKENS).logits, sdpa(TOKENS).logits, rtol=1e-10, atol=1e-10)
 
 
 def test_device_map_auto_loads_on_cpu(saved_model):

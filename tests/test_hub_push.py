@@ -104,6 +104,7 @@ FRESH_PROCESS = WITHOUT_THE_PACKAGE + textwrap.dedent(
 )
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("state_update", ["replace", "gated", "addressed"])
 def test_push_to_hub_then_a_fresh_process_loads_the_repo_id_with_remote_code(hub, tmp_path, state_update):
     model = trained_model(state_update=state_update)  # randomized: a variant's own weights count in the logits

@@ -1,5 +1,7 @@
 """Model cards: metadata, body, usage snippet, "n/a" for what is missing, round trip through ModelCard.load."""
 
+import configparser
+import importlib.metadata
 import json
 import os
 import re
@@ -8,9 +10,10 @@ import sys
 
 import pytest
 import yaml
-from card_snippet import assert_ran_without_a_question, run_card_snippet, usage_snippet
+from card_snippet import REPO_ROOT, assert_ran_without_a_question, run_card_snippet, usage_snippet
 from huggingface_hub import ModelCard
 
+from modeling_gptb import remote_card
 from modeling_gptb.model_card import USAGE_PLACEHOLDER, render_model_card, template_path
 from modeling_gptb.presets import load_model_preset
 
@@ -167,6 +170,7 @@ def test_gptb_train_and_save_pretrained_write_one_card_with_the_models_facts(tmp
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out evaluation texts (their first 60 characters): novelty" in proc.stdout  # the ART summary's header
     model = AutoModelForCausalLM.from_pretrained(output)
     model.save_pretrained(tmp_path / "saved")
     trained, saved = (ModelCard.load(folder / "README.md") for folder in (output, tmp_path / "saved"))
@@ -225,3 +229,67 @@ def test_auto_tokenizer_asks_nothing_where_the_package_is_imported(tmp_path):
     assert proc.returncode == 0, output
     assert "TOKENS" in proc.stdout
     assert "Do you wish" not in output and "model of type" not in output, output
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 20 item 4: a source link and an install line from one place, and a card in every saved folder
+
+
+def setup_cfg_url() -> str:
+    parser = configparser.ConfigParser()
+    parser.read(REPO_ROOT / "setup.cfg")
+    return parser["metadata"]["url"]
+
+
+def test_the_remote_codes_fallback_source_address_is_setup_cfgs():
+    assert remote_card.SOURCE_URL == setup_cfg_url()
+
+
+def test_the_source_address_comes_from_the_installed_packages_metadata(monkeypatch):
+    def fork_metadata(name):
+        assert name == "gptb"
+        return {"Home-page": "https://example.org/fork/gptb"}
+
+    monkeypatch.setattr(importlib.metadata, "metadata", fork_metadata)
+    text = " ".join(render_model_card({"n_embd": 64}).text.split())
+    assert "[`docs/design.md`](https://example.org/fork/gptb/blob/main/docs/design.md)" in text
+    assert '(`pip install "gptb @ git+https://example.org/fork/gptb"`)' in text
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "metadata", not_installed)  # the remote code, without the package
+    assert remote_card.source_url() == remote_card.SOURCE_URL
+
+
+# Runs where only the remote code is at hand: load the folder, train a step with the real Trainer, save.
+REMOTE_ONLY_TRAINER = """
+import sys, torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[4], trust_remote_code=True)
+rows = [{"input_ids": torch.arange(1, 9) + i, "labels": torch.arange(1, 9) + i} for i in range(4)]
+args = TrainingArguments(sys.argv[5], max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True)
+trainer = Trainer(model=model, args=args, train_dataset=rows)
+trainer.train()
+trainer.save_model(sys.argv[5])
+"""
+
+
+@pytest.mark.smoke
+def test_trainer_save_model_after_a_remote_code_load_writes_a_short_card(tmp_path):
+    from conftest import tiny_model
+
+    folder, output = tmp_path / "my-gptb", tmp_path / "trained"
+    tiny_model(art_enabled=True).save_pretrained(folder)
+    (folder / "README.md").unlink()  # the remote code alone must write one
+    proc = run_card_snippet(REMOTE_ONLY_TRAINER, tmp_path / "work", folder, output)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("SNIPPET-OK"), proc.stdout + proc.stderr
+    saved = ModelCard.load(output / "README.md")
+    text = " ".join(saved.text.split())
+    assert saved.data.library_name == "transformers" and saved.data.pipeline_tag == "text-generation"
+    assert {"gptb", "custom_code", "art-memory"} <= set(saved.data.tags)
+    assert "written by the model's remote code, without the `gptb` package" in text  # the short card
+    assert "## Limitations" not in text  # the package's template was not at hand
+    assert f"[docs/design.md]({remote_card.design_url()})" in text and remote_card.install_command() in text
+    assert "| State size M (slots) | 3 |" in text and "trust_remote_code=True" in text

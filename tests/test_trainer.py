@@ -58,6 +58,7 @@ def make_trainer(model, tokenizer, datasets, output_dir, callbacks=None, **overr
     )
 
 
+@pytest.mark.smoke
 def test_loss_falls_and_evaluation_reports_loss_and_perplexity(tokenizer, datasets, tmp_path):
     model = make_model(tokenizer)
     trainer = make_trainer(model, tokenizer, datasets, tmp_path, max_steps=30, learning_rate=5e-3)
@@ -118,6 +119,7 @@ def test_activation_checkpointing_from_the_trainer_argument(tokenizer, datasets,
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.smoke
 def test_resume_gives_the_same_weights_and_memory(tokenizer, datasets, tmp_path):
     settings = dict(max_steps=6, save_strategy="steps", save_steps=3, logging_steps=3)
     whole = make_model(tokenizer)
