@@ -127,18 +127,39 @@ class GPTBCache:
     # name for recurrent states that do not count positions); this one counts them, so it wants the skip.
     is_linear = [False]
 
-    def __init__(self, state: torch.Tensor, seq_length: int):
+    def __init__(
+        self,
+        state: torch.Tensor,
+        seq_length: int,
+        pending: torch.Tensor | None = None,
+        pending_mask: torch.Tensor | None = None,
+    ):
         self.state = state
         self.seq_length = seq_length
+        # segment steps: the token embeddings of the current partial segment (B, P, D), which the next call completes,
+        # and which of them are tokens (B, P) where rows differ (None: all)
+        self.pending = pending
+        self.pending_mask = pending_mask
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
 
+    def tensors(self) -> dict:
+        """The tensors held, by name (None where absent)."""
+        return {"state": self.state, "pending": self.pending, "pending_mask": self.pending_mask}
+
+    def map_rows(self, rows) -> "GPTBCache":
+        """A new cache with `rows(tensor)` applied to every tensor along the batch (beams, repeats)."""
+        held = {name: None if value is None else rows(value) for name, value in self.tensors().items()}
+        return GPTBCache(seq_length=self.seq_length, **held)
+
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+        reordered = self.map_rows(lambda value: value.index_select(0, beam_idx.to(value.device)))
+        self.state, self.pending, self.pending_mask = reordered.state, reordered.pending, reordered.pending_mask
 
     def __repr__(self):
-        return f"GPTBCache(state={tuple(self.state.shape)}, seq_length={self.seq_length})"
+        pending = "" if self.pending is None else f", pending={tuple(self.pending.shape)}"
+        return f"GPTBCache(state={tuple(self.state.shape)}, seq_length={self.seq_length}{pending})"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -157,23 +178,31 @@ class GPTBAttention(nn.Module):
         # rebias: the window is read both ways, so the state slots see the new token
         self.is_causal = not config.rebias
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False):
-        """The attention output and, with `output_attentions`, its weights `(batch, n_head, width, width)`."""
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, mask: torch.Tensor | None = None):
+        """
+        The attention output and, with `output_attentions`, its weights `(batch, n_head, width, width)`. `mask`, a
+        boolean `(batch or 1, 1, width, width)` of the keys each query may read, replaces the window's own rule (a
+        segment step's mask); None: bidirectional, or causal with `rebias=False`.
+        """
         batch, width, dim = x.shape
         qkv = self.c_attn(x).view(batch, width, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         dropout = self.attn_pdrop if self.training else 0.0
         scale = 1.0 / math.sqrt(self.head_dim)
+        is_causal = self.is_causal and mask is None
         weights = None
         if output_attentions:  # SDPA does not return its weights: the same attention, written out
             scores = (q @ k.transpose(-2, -1)) * scale
-            if self.is_causal:
-                future = torch.ones(width, width, dtype=torch.bool, device=x.device).triu(1)
-                scores = scores.masked_fill(future, float("-inf"))
+            if is_causal:
+                mask = torch.ones(width, width, dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             weights = scores.softmax(dim=-1)
             y = F.dropout(weights, p=dropout, training=self.training) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.is_causal, scale=scale)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scale
+            )
         y = y.transpose(1, 2).reshape(batch, width, dim)
         return self.resid_dropout(self.c_proj(y)), weights
 
@@ -195,7 +224,7 @@ class GPTBMLP(nn.Module):
 
 
 class GPTBBlock(nn.Module):
-    """A GPT-2 block (pre-LayerNorm attention and MLP with residuals) over the (M + 1)-position window."""
+    """A GPT-2 block (pre-LayerNorm attention and MLP with residuals) over a step's window."""
 
     def __init__(self, config: GPTBConfig):
         super().__init__()
@@ -204,8 +233,8 @@ class GPTBBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPTBMLP(config)
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False):
-        attended, weights = self.attn(self.ln_1(x), output_attentions)
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, mask: torch.Tensor | None = None):
+        attended, weights = self.attn(self.ln_1(x), output_attentions, mask)
         x = x + attended
         return x + self.mlp(self.ln_2(x)), weights
 
@@ -237,7 +266,7 @@ class GPTBPreTrainedModel(PreTrainedModel):
             init.normal_(module.initial_embeds, mean=0.0, std=std)
             # Not in checkpoints (non-persistent): from_pretrained builds the model on the meta device, so the buffer
             # holds garbage until it is set here.
-            positions = torch.arange(module.state_size + 1, device=module.window_positions.device)
+            positions = torch.arange(self.config.window_size, device=module.window_positions.device)
             init.copy_(module.window_positions, positions)
             # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer). Done from the body (it runs after its
             # children): transformers skips custom-code modules without parameters of their own, so a branch on
@@ -421,7 +450,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         self.h = nn.ModuleList([GPTBBlock(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.state_update = build_state_update(config)
-        self.register_buffer("window_positions", torch.arange(config.state_size + 1), persistent=False)
+        self.register_buffer("window_positions", torch.arange(config.window_size), persistent=False)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -480,7 +509,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
 
         checks = ValueChecks()
         batch, steps = self._check_tokens(input_ids, inputs_embeds, token_type_ids, checks)
-        state, consumed = self._start_state(past_hidden_states, cache, batch, checks)
+        state, consumed, pending = self._start_state(past_hidden_states, cache, batch, checks)
         step_mask = self._step_mask(attention_mask, batch, steps, self.wte.weight.device, checks)
         checks.raise_first_failure()
 
@@ -490,20 +519,24 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         if state is None:
             state = self.initial_state(batch)
         state = state.to(device=token_embeds.device, dtype=token_embeds.dtype)
+        pending = [None if part is None else part.to(token_embeds.device) for part in pending]
+        if pending[0] is not None:
+            pending[0] = pending[0].to(token_embeds.dtype)
 
-        state, last_hidden_state, hidden_states, attentions = self._run_call(
-            state, token_embeds, step_mask, output_hidden_states, output_attentions
-        )
-        new_cache = GPTBCache(state, consumed + steps) if use_cache else None
+        out = self._run_call(state, token_embeds, step_mask, output_hidden_states, output_attentions, *pending)
+        new_cache = None
+        if use_cache:
+            new_cache = GPTBCache(out.cache_state, consumed + steps, out.pending, out.pending_mask)
 
         if not return_dict:
-            return tuple(v for v in (last_hidden_state, state, hidden_states, attentions) if v is not None)
+            output = (out.last_hidden_state, out.state, out.hidden_states, out.attentions)
+            return tuple(v for v in output if v is not None)
         return GPTBModelOutput(
-            last_hidden_state=last_hidden_state,
-            past_hidden_states=state,
+            last_hidden_state=out.last_hidden_state,
+            past_hidden_states=out.state,
             cache=new_cache,
-            hidden_states=hidden_states,
-            attentions=attentions,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
 
     # -- input checks: a clear error before any work -------------------------------------------------------------
@@ -554,11 +587,16 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         return shape
 
     def _start_state(self, past_hidden_states, cache, batch, checks: ValueChecks):
-        """The state to start from (None: `initial_embeds`) and the number of positions it has consumed."""
+        """
+        The state to start from (None: `initial_embeds`), the number of positions it has consumed, and a cache's
+        partial segment `(tokens, mask)` (segment steps; `(None, None)` otherwise).
+        """
+        pending = (None, None)
         if isinstance(cache, GPTBCache):
             if past_hidden_states is not None:
                 raise ValueError("Pass the state as `past_hidden_states` or `cache`, not both")
             past_hidden_states, consumed = cache.state, cache.seq_length
+            pending = (cache.pending, cache.pending_mask)
         elif cache is None or (isinstance(cache, transformers.Cache) and cache.get_seq_length() == 0):
             consumed = 0  # generate()'s empty default cache carries nothing
         else:
@@ -568,7 +606,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
                 f"got {type(cache).__name__}{held}"
             )
         if past_hidden_states is None:
-            return None, consumed
+            return None, consumed, pending
         expected = (batch, self.state_size, self.config.n_embd)
         if not isinstance(past_hidden_states, torch.Tensor) or tuple(past_hidden_states.shape) != expected:
             raise ValueError(
@@ -581,7 +619,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
                 f"got {past_hidden_states.dtype}"
             )
         check_finite(checks, "past_hidden_states", past_hidden_states)
-        return past_hidden_states, consumed
+        return past_hidden_states, consumed, pending
 
     @staticmethod
     def _step_mask(attention_mask, batch, steps, device, checks: ValueChecks):
@@ -682,8 +720,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         )
         cache = model_kwargs.get("cache")
         if expand_size > 1 and isinstance(cache, GPTBCache):
-            state = cache.state.repeat_interleave(expand_size, dim=0)
-            model_kwargs["cache"] = GPTBCache(state, cache.seq_length)
+            model_kwargs["cache"] = cache.map_rows(lambda value: value.repeat_interleave(expand_size, dim=0))
         return input_ids, model_kwargs
 
     def generate(self, inputs=None, generation_config=None, *args, assistant_model=None, **kwargs):
