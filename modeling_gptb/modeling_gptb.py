@@ -834,14 +834,14 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         state = cache.state if isinstance(cache, GPTBCache) else None
         if not self.decode_graphs.applies(self, input_ids, state, **other_inputs):
             return None
-        decoded = self.decode_graphs.decode(self, input_ids, state, attention_mask)
+        decoded = self.decode_graphs.decode(self, input_ids, cache, attention_mask)
         if decoded is None:
             return None
-        logits, state = decoded
+        logits, state, cache_state, pending, pending_mask = decoded
         if not return_dict:
             return logits, state
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        new_cache = GPTBCache(state, cache.seq_length + 1) if use_cache else None
+        new_cache = GPTBCache(cache_state, cache.seq_length + 1, pending, pending_mask) if use_cache else None
         return GPTBCausalLMOutput(logits=logits, past_hidden_states=state, cache=new_cache)
 
     def _check_labels(self, inputs, labels, logits_to_keep):
