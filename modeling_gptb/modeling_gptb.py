@@ -133,13 +133,16 @@ class GPTBCache:
         seq_length: int,
         pending: torch.Tensor | None = None,
         pending_mask: torch.Tensor | None = None,
+        keys_values: list | None = None,
     ):
         self.state = state
         self.seq_length = seq_length
         # segment steps: the token embeddings of the current partial segment (B, P, D), which the next call completes,
-        # and which of them are tokens (B, P) where rows differ (None: all)
+        # and which of them are tokens (B, P) where rows differ (None: all); and per block the keys and values of the
+        # segment's read slots and those tokens, so a decoded token costs one position (None: built when needed)
         self.pending = pending
         self.pending_mask = pending_mask
+        self.keys_values = keys_values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
@@ -151,11 +154,14 @@ class GPTBCache:
     def map_rows(self, rows) -> "GPTBCache":
         """A new cache with `rows(tensor)` applied to every tensor along the batch (beams, repeats)."""
         held = {name: None if value is None else rows(value) for name, value in self.tensors().items()}
+        if self.keys_values is not None:
+            held["keys_values"] = [(rows(keys), rows(values)) for keys, values in self.keys_values]
         return GPTBCache(seq_length=self.seq_length, **held)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         reordered = self.map_rows(lambda value: value.index_select(0, beam_idx.to(value.device)))
         self.state, self.pending, self.pending_mask = reordered.state, reordered.pending, reordered.pending_mask
+        self.keys_values = reordered.keys_values
 
     def __repr__(self):
         pending = "" if self.pending is None else f", pending={tuple(self.pending.shape)}"
@@ -185,8 +191,7 @@ class GPTBAttention(nn.Module):
         segment step's mask); None: bidirectional, or causal with `rebias=False`.
         """
         batch, width, dim = x.shape
-        qkv = self.c_attn(x).view(batch, width, 3, self.n_head, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._heads(x)
         dropout = self.attn_pdrop if self.training else 0.0
         scale = 1.0 / math.sqrt(self.head_dim)
         is_causal = self.is_causal and mask is None
@@ -205,6 +210,27 @@ class GPTBAttention(nn.Module):
             )
         y = y.transpose(1, 2).reshape(batch, width, dim)
         return self.resid_dropout(self.c_proj(y)), weights
+
+    def _heads(self, x: torch.Tensor):
+        """Queries, keys and values `(batch, n_head, width, head_dim)` of the positions `x`."""
+        batch, width, _ = x.shape
+        qkv = self.c_attn(x).view(batch, width, 3, self.n_head, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def extend(self, x: torch.Tensor, past, mask: torch.Tensor | None = None):
+        """
+        Attention of new positions `x` over the keys and values `past` (a pair `(batch, n_head, n, head_dim)`, or
+        None) and their own, under `mask` `(width, n + width)` (None: every key); returns the output and the keys and
+        values of all `n + width` positions. A segment's decode step: the cache holds `past` (docs/design.md).
+        """
+        batch, width, dim = x.shape
+        q, k, v = self._heads(x)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        dropout = self.attn_pdrop if self.training else 0.0
+        scale = 1.0 / math.sqrt(self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, width, dim))), (k, v)
 
 
 class GPTBMLP(nn.Module):
@@ -237,6 +263,12 @@ class GPTBBlock(nn.Module):
         attended, weights = self.attn(self.ln_1(x), output_attentions, mask)
         x = x + attended
         return x + self.mlp(self.ln_2(x)), weights
+
+    def extend(self, x: torch.Tensor, past, mask: torch.Tensor | None = None):
+        """The block over new positions `x` that also read the keys and values `past` (see `GPTBAttention.extend`)."""
+        attended, keys_values = self.attn.extend(self.ln_1(x), past, mask)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), keys_values
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -477,6 +509,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        write_partial_segment: bool = True,
         **kwargs,
     ) -> GPTBModelOutput | tuple:
         r"""
@@ -494,6 +527,9 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
                 step (computed without SDPA's fused kernel, so slower).
             token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): as in GPT-2,
                 their `wte` embeddings are added to the token embeddings.
+            write_partial_segment (`bool`, defaults to `True`): segment steps (`segment_length` > 1): write a last
+                partial segment into `past_hidden_states`. `generate()` passes False: it continues from `cache`,
+                and the write would cost the write slots at every token.
 
         GPT-2's `position_ids`, `encoder_hidden_states` and `encoder_attention_mask` have no meaning here and are
         refused (`ValueError`), as is any other argument this model does not read. Every input is checked before any
@@ -507,9 +543,11 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
+        if not isinstance(write_partial_segment, bool):
+            raise ValueError(f"`write_partial_segment` must be True or False, got {write_partial_segment!r}")
         checks = ValueChecks()
         batch, steps = self._check_tokens(input_ids, inputs_embeds, token_type_ids, checks)
-        state, consumed, pending = self._start_state(past_hidden_states, cache, batch, checks)
+        state, consumed = self._start_state(past_hidden_states, cache, batch, checks)
         step_mask = self._step_mask(attention_mask, batch, steps, self.wte.weight.device, checks)
         checks.raise_first_failure()
 
@@ -519,14 +557,20 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         if state is None:
             state = self.initial_state(batch)
         state = state.to(device=token_embeds.device, dtype=token_embeds.dtype)
-        pending = [None if part is None else part.to(token_embeds.device) for part in pending]
-        if pending[0] is not None:
-            pending[0] = pending[0].to(token_embeds.dtype)
 
-        out = self._run_call(state, token_embeds, step_mask, output_hidden_states, output_attentions, *pending)
+        out = self._run_call(
+            state,
+            token_embeds,
+            step_mask,
+            output_hidden_states,
+            output_attentions,
+            cache if isinstance(cache, GPTBCache) else None,
+            write_partial_segment,
+        )
         new_cache = None
         if use_cache:
-            new_cache = GPTBCache(out.cache_state, consumed + steps, out.pending, out.pending_mask)
+            held = (out.pending, out.pending_mask, out.keys_values)
+            new_cache = GPTBCache(out.cache_state, consumed + steps, *held)
 
         if not return_dict:
             output = (out.last_hidden_state, out.state, out.hidden_states, out.attentions)
@@ -587,16 +631,11 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         return shape
 
     def _start_state(self, past_hidden_states, cache, batch, checks: ValueChecks):
-        """
-        The state to start from (None: `initial_embeds`), the number of positions it has consumed, and a cache's
-        partial segment `(tokens, mask)` (segment steps; `(None, None)` otherwise).
-        """
-        pending = (None, None)
+        """The state to start from (None: `initial_embeds`) and the number of positions it has consumed."""
         if isinstance(cache, GPTBCache):
             if past_hidden_states is not None:
                 raise ValueError("Pass the state as `past_hidden_states` or `cache`, not both")
             past_hidden_states, consumed = cache.state, cache.seq_length
-            pending = (cache.pending, cache.pending_mask)
         elif cache is None or (isinstance(cache, transformers.Cache) and cache.get_seq_length() == 0):
             consumed = 0  # generate()'s empty default cache carries nothing
         else:
@@ -606,7 +645,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
                 f"got {type(cache).__name__}{held}"
             )
         if past_hidden_states is None:
-            return None, consumed, pending
+            return None, consumed
         expected = (batch, self.state_size, self.config.n_embd)
         if not isinstance(past_hidden_states, torch.Tensor) or tuple(past_hidden_states.shape) != expected:
             raise ValueError(
@@ -619,7 +658,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
                 f"got {past_hidden_states.dtype}"
             )
         check_finite(checks, "past_hidden_states", past_hidden_states)
-        return past_hidden_states, consumed, pending
+        return past_hidden_states, consumed
 
     @staticmethod
     def _step_mask(attention_mask, batch, steps, device, checks: ValueChecks):
@@ -710,6 +749,8 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         # A user's starting state is for the first step only; after it the returned cache carries the state.
         if past_hidden_states is not None and not isinstance(cache, GPTBCache):
             model_inputs["past_hidden_states"] = past_hidden_states
+        if self.config.segment_length > 1:  # generate() reads the cache, never the written partial segment
+            model_inputs["write_partial_segment"] = False
         return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
@@ -756,6 +797,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         art_mode: str | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        write_partial_segment: bool = True,
         **kwargs,
     ) -> GPTBCausalLMOutput | tuple:
         r"""
@@ -799,6 +841,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             token_type_ids=token_type_ids,
+            write_partial_segment=write_partial_segment,
             return_dict=True,
         )
         hidden = outputs.last_hidden_state

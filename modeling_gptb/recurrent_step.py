@@ -37,6 +37,8 @@ class CallOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # (B, T, D)
     hidden_states: tuple[torch.Tensor, ...] | None
     attentions: tuple[torch.Tensor, ...] | None
+    # per block, the keys and values (B, H, M + P, head_dim) of the read slots and the pending tokens (decode steps)
+    keys_values: list | None = None
 
 
 def segment_mask(state_size: int, segment_length: int, rebias: bool, device=None) -> torch.Tensor:
@@ -96,20 +98,51 @@ class RecurrentSteps:
         return x, per_layer, torch.stack(weights, dim=0) if attentions else None
 
     def _run_call(
-        self, state, token_embeds, step_mask, output_hidden_states, output_attentions, pending=None, pending_mask=None
+        self,
+        state,
+        token_embeds,
+        step_mask,
+        output_hidden_states,
+        output_attentions,
+        cache=None,
+        write_partial_segment=True,
     ) -> CallOutput:
         """
-        Every step of a call from `state` over `token_embeds` `(B, T, D)` (after the `pending` tokens of a cache's
-        partial segment), where `step_mask` `(B, T)` (None: all) marks the tokens that count.
+        Every step of a call from `state` over `token_embeds` `(B, T, D)`, where `step_mask` `(B, T)` (None: all)
+        marks the tokens that count; with segment steps, after the partial segment `cache` (a `GPTBCache` or None)
+        holds. `write_partial_segment=False`: the returned `state` is the state after the complete segments.
         """
-        if self.config.segment_length > 1:
-            return self._run_segment_call(
-                state, token_embeds, step_mask, output_hidden_states, output_attentions, pending, pending_mask
+        if self.config.segment_length == 1:
+            state, last_hidden_state, hidden_states, attentions = self._run_token_call(
+                state, token_embeds, step_mask, output_hidden_states, output_attentions
             )
-        state, last_hidden_state, hidden_states, attentions = self._run_token_call(
-            state, token_embeds, step_mask, output_hidden_states, output_attentions
+            return CallOutput(state, state, None, None, last_hidden_state, hidden_states, attentions)
+        pending = pending_mask = keys_values = None
+        if cache is not None:
+            pending, pending_mask, keys_values = cache.pending, cache.pending_mask, cache.keys_values
+            pending = None if pending is None else pending.to(device=state.device, dtype=state.dtype)
+            pending_mask = None if pending_mask is None else pending_mask.to(state.device)
+            if (
+                keys_values
+                and keys_values[0][0].dtype != state.dtype
+                or keys_values
+                and keys_values[0][0].device != state.device
+            ):
+                keys_values = None  # the model moved: build them again
+        decoding = (
+            cache is not None
+            and token_embeds.shape[1] == 1
+            and not self.training
+            and not (output_hidden_states or output_attentions)
+            and pending_mask is None
+            and (step_mask is None or bool(step_mask.all()))
         )
-        return CallOutput(state, state, None, None, last_hidden_state, hidden_states, attentions)
+        if decoding:  # one token after a cache: the keys and values of the segment so far are reused
+            return self._decode_token(state, token_embeds, pending, keys_values, write_partial_segment)
+        out = self._run_segment_call(
+            state, token_embeds, step_mask, output_hidden_states, output_attentions, pending, pending_mask
+        )
+        return out if write_partial_segment else out._replace(state=out.cache_state)
 
     def _run_token_call(self, state, token_embeds, step_mask, output_hidden_states, output_attentions):
         """The one-token steps of a call: the final state, the token outputs, per-layer outputs and attentions."""
@@ -315,3 +348,49 @@ class RecurrentSteps:
         index = count // K * K + torch.arange(K - 1, device=stream.device)
         pending = stream.gather(1, index.clamp(max=stream.shape[1] - 1)[..., None].expand(-1, -1, stream.shape[2]))
         return pending, index < count
+
+    # -- decoding one token within a segment: keys and values reused (docs/design.md#segment-steps) -------------------
+
+    def _extend(self, x, past, mask):
+        """The blocks and `ln_f` over new positions `x` that also read the per-block keys and values `past` (None:
+        nothing before them) under `mask`; returns their output and the keys and values of every position so far."""
+        x = self.drop(x)
+        keys_values = []
+        for layer, block in enumerate(self.h):
+            x, block_keys_values = block.extend(x, None if past is None else past[layer], mask)
+            keys_values.append(block_keys_values)
+        return self.ln_f(x), keys_values
+
+    def _decode_token(self, state, token_embed, pending, keys_values, write_partial_segment):
+        """
+        One token `(B, 1, D)` after the `pending` tokens of its segment, from the keys and values of the read slots and
+        those tokens (built now if the cache has none). The token costs one window position per block; when it
+        completes the segment, the write slots run once and the next segment starts without keys and values.
+        """
+        M, K = self.state_size, self.config.segment_length
+        held = 0 if pending is None else pending.shape[1]
+        allowed = segment_mask(M, K, self.config.rebias, state.device)
+        positions = self.wpe(self.window_positions)
+        read = state if self.state_update is None else self.state_update.read(state)
+        if keys_values is None:  # the read slots, then the tokens held, once per segment
+            _, keys_values = self._extend(read + positions[:M], None, allowed[:M, :M])
+            if held:
+                tokens_mask = allowed[M : M + held, : M + held]
+                _, keys_values = self._extend(pending + positions[M : M + held], keys_values, tokens_mask)
+        # the new token reads the read slots, the tokens before it and itself: every key
+        out, keys_values = self._extend(token_embed + positions[M + held : M + held + 1], keys_values, None)
+        pending = token_embed if pending is None else torch.cat([pending, token_embed], dim=1)
+        held += 1
+        if held < K and not write_partial_segment:
+            return CallOutput(state, state, pending, None, out, None, None, keys_values)
+        # the write slots read the read slots, the tokens and each other (those of a partial segment: its r tokens)
+        keys = torch.cat(
+            [torch.arange(M + held, device=state.device), torch.arange(M + K, 2 * M + K, device=state.device)]
+        )
+        written, _ = self._extend(read + positions[M + K :], keys_values, allowed[M + K :][:, keys])
+        new_state = (
+            written if self.state_update is None else self.state_update(state, written, out[:, -1], token_embed[:, -1])
+        )
+        if held == K:
+            return CallOutput(new_state, new_state, None, None, out, None, None, None)
+        return CallOutput(new_state, state, pending, None, out, None, None, keys_values)

@@ -144,3 +144,24 @@ def test_text_streamer_prints_the_generated_text(capsys):
     out = model.generate(**inputs, max_new_tokens=9, do_sample=False, streamer=TextStreamer(tok, skip_prompt=True))
     printed = capsys.readouterr().out
     assert printed.strip() == tok.decode(out[0, 3:]).strip() and len(printed.split()) == 9
+
+
+def test_a_decoded_token_costs_one_position_and_the_write_slots_run_once_per_segment(monkeypatch):
+    # the cache keeps each block's keys and values of the read slots and the segment's tokens
+    model = sharp_model()
+    M = model.config.state_size
+    windows, extended = [], []
+    block = model.transformer.h[0]
+    block.register_forward_pre_hook(lambda module, args: windows.append(args[0].shape[1]))
+    extend = block.extend
+    monkeypatch.setattr(block, "extend", lambda x, *rest: extended.append(x.shape[1]) or extend(x, *rest))
+    prompt, new = 6, 11
+    greedy(model, prompts(1, prompt), new)
+    assert windows == [2 * M + K] * 2  # the prompt: its two segments (the second partial) as whole windows
+    # then per token: 1 position; M read slots when a segment starts, M write slots when it completes; after the
+    # prompt, the keys and values of its partial segment (M read slots and 2 tokens) are built once
+    expected = [M, 2, 1]  # token 7: read slots, the 2 tokens held, the token (3 of 4 held)
+    for position in range(prompt + 2, prompt + new):  # tokens 8 .. 16
+        held_before = (position - 1) % K
+        expected += ([M] if held_before == 0 else []) + [1] + ([M] if held_before == K - 1 else [])
+    assert extended == expected
