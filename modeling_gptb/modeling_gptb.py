@@ -77,7 +77,8 @@ class GPTBModelOutput(ModelOutput):
             sequence_length, n_embd)` each; the last one is after `ln_f` (GPT-2's convention).
         attentions (`tuple(torch.FloatTensor)`, *optional*):
             Each block's attention weights over the window at each step, `(batch_size, n_head, sequence_length,
-            state_size + 1, state_size + 1)` each (the window's last position is the token).
+            state_size + 1, state_size + 1)` each (the window's last position is the token); with segment steps,
+            `(batch_size, n_head, n_segments, 2 * state_size + segment_length, 2 * state_size + segment_length)`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -118,7 +119,8 @@ class GPTBCache:
     """
     The recurrent state as `generate()`'s cache: `(batch_size, state_size, n_embd)`, the same size at token 10 and
     token 100,000. `get_seq_length()` counts the positions consumed so `generate()` feeds only new tokens, and
-    `reorder_cache()` follows beam search.
+    `reorder_cache()` follows beam search. With segment steps it also holds the current partial segment (its token
+    embeddings, and the keys and values of its window so far), which the next call completes.
     """
 
     is_compileable = False

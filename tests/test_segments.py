@@ -166,3 +166,20 @@ def test_past_hidden_states_starts_a_new_segment():
     first = model(x[:, :8])
     second = model(x[:, 8:], past_hidden_states=first.past_hidden_states)
     torch.testing.assert_close(second.logits, model(x).logits[:, 8:], rtol=1e-10, atol=1e-10)
+
+
+def test_write_partial_segment_false_returns_the_state_after_the_complete_segments():
+    model = segment_model(segment_length=4)
+    x = ids(2, 10, seed=9)
+    written = model(x)
+    unwritten = model(x, write_partial_segment=False)
+    torch.testing.assert_close(unwritten.logits, written.logits, rtol=0, atol=0)
+    torch.testing.assert_close(unwritten.past_hidden_states, written.cache.state, rtol=0, atol=0)
+    assert not torch.allclose(unwritten.past_hidden_states, written.past_hidden_states)
+    # and in the one-token decode path, which otherwise writes the partial segment too
+    step = model(x[:, 9:], cache=model(x[:, :9]).cache)
+    torch.testing.assert_close(step.past_hidden_states, written.past_hidden_states, rtol=1e-10, atol=1e-10)
+    step = model(x[:, 9:], cache=model(x[:, :9]).cache, write_partial_segment=False)
+    torch.testing.assert_close(step.past_hidden_states, written.cache.state, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"`write_partial_segment` must be True or False, got 'no'"):
+        model(x, write_partial_segment="no")
