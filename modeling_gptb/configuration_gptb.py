@@ -67,16 +67,21 @@ class GPTBConfig(PretrainedConfig):
             `"gated"`, `"residual"`, `"selective"` and `"addressed"`: initial scale of the state as it enters the
             window; 1 is the seed's step, a small value (0.02) lets each token's write count against a state of norm
             sqrt(n_embd).
+        segment_length (`int`, defaults to 1):
+            K, the tokens a step reads. 1: the one-token step over the window `[state; token]` (M + 1 positions).
+            K > 1: a segment step (RMT's layout) over `[read slots; K tokens; write slots]` (2M + K positions), the
+            tokens causal among themselves, the next state read from the write slots (docs/design.md#segment-steps).
         bptt_steps (`int`, *optional*):
-            Truncated backpropagation through time: the state is detached every `bptt_steps` steps of a forward
-            call. `None` backpropagates through the whole call.
+            Truncated backpropagation through time: the state is detached every `bptt_steps` steps (segments when
+            `segment_length` > 1) of a forward call. `None` backpropagates through the whole call.
         checkpoint_every_steps (`int`, *optional*):
             With activation checkpointing on (`model.activation_checkpointing_enable()`), in training: keep the state
             only every `checkpoint_every_steps` steps and recompute that many steps at a time in the backward pass.
             `None`: every step (the same as 1).
         n_positions (`int`, defaults to 1024):
-            Rows of the position table `wpe`. A step reads only the first M + 1 (the window's positions), so this
-            bounds `state_size` (`state_size + 1 <= n_positions`), not the sequence length: GPTB has no context
+            Rows of the position table `wpe`. A step reads only the first M + 1 (2M + K for segment steps), so this
+            bounds `state_size` and `segment_length` (`state_size + 1 <= n_positions`, `2 * state_size +
+            segment_length <= n_positions` when `segment_length > 1`), not the sequence length: GPTB has no context
             limit. Kept at GPT-2's size so GPT-2 weights load unchanged (docs/design.md#configuration).
         art_enabled (`bool`, defaults to `False`):
             Give the model an [`ARTMemory`] (`model.art_memory`) fed with a pooled representation of each sequence
@@ -137,6 +142,7 @@ class GPTBConfig(PretrainedConfig):
         state_gate_bias=2.0,
         state_retain_init=0.0,
         state_read_scale_init=1.0,
+        segment_length=1,
         bptt_steps=None,
         checkpoint_every_steps=None,
         use_cache=True,
@@ -176,6 +182,7 @@ class GPTBConfig(PretrainedConfig):
         self.state_gate_bias = state_gate_bias
         self.state_retain_init = state_retain_init
         self.state_read_scale_init = state_read_scale_init
+        self.segment_length = segment_length
         self.bptt_steps = bptt_steps
         self.checkpoint_every_steps = checkpoint_every_steps
         self.use_cache = use_cache
@@ -198,6 +205,13 @@ class GPTBConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.check_values()
 
+    @property
+    def window_size(self) -> int:
+        """Positions of a step's window: M + 1 for the one-token step, 2M + K for a segment step."""
+        if self.segment_length == 1:
+            return self.state_size + 1
+        return 2 * self.state_size + self.segment_length
+
     def check_values(self):
         """Raise a `ValueError` naming the first field outside its allowed range."""
 
@@ -215,6 +229,7 @@ class GPTBConfig(PretrainedConfig):
 
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "state_size", "art_max_categories"):
             positive_int(name)
+        positive_int("segment_length")
         if self.n_inner is not None:
             positive_int("n_inner")
         for name in ("bptt_steps", "checkpoint_every_steps", "loss_chunk_size"):
@@ -225,10 +240,11 @@ class GPTBConfig(PretrainedConfig):
                 f"GPTBConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"choose n_head among the divisors of {self.n_embd}"
             )
-        if self.n_positions < self.state_size + 1:
+        if self.n_positions < self.window_size:
+            what = "state_size + 1" if self.segment_length == 1 else "2 * state_size + segment_length"
             raise ValueError(
-                f"GPTBConfig.n_positions ({self.n_positions}) must be >= state_size + 1 ({self.state_size + 1}): "
-                "each step reads a window of state_size + 1 positions"
+                f"GPTBConfig.n_positions ({self.n_positions}) must be >= {what} ({self.window_size}): "
+                f"each step reads a window of {what} positions"
             )
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "art_vigilance", "art_resonated_weight"):
             unit_interval(name)

@@ -81,7 +81,8 @@ class GPTBModelOutput(ModelOutput):
             sequence_length, n_embd)` each; the last one is after `ln_f` (GPT-2's convention).
         attentions (`tuple(torch.FloatTensor)`, *optional*):
             Each block's attention weights over the window at each step, `(batch_size, n_head, sequence_length,
-            state_size + 1, state_size + 1)` each (the window's last position is the token).
+            state_size + 1, state_size + 1)` each (the window's last position is the token); with segment steps,
+            `(batch_size, n_head, n_segments, 2 * state_size + segment_length, 2 * state_size + segment_length)`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -122,7 +123,8 @@ class GPTBCache:
     """
     The recurrent state as `generate()`'s cache: `(batch_size, state_size, n_embd)`, the same size at token 10 and
     token 100,000. `get_seq_length()` counts the positions consumed so `generate()` feeds only new tokens, and
-    `reorder_cache()` follows beam search.
+    `reorder_cache()` follows beam search. With segment steps it also holds the current partial segment (its token
+    embeddings, and the keys and values of its window so far), which the next call completes.
     """
 
     is_compileable = False
@@ -131,18 +133,45 @@ class GPTBCache:
     # name for recurrent states that do not count positions); this one counts them, so it wants the skip.
     is_linear = [False]
 
-    def __init__(self, state: torch.Tensor, seq_length: int):
+    def __init__(
+        self,
+        state: torch.Tensor,
+        seq_length: int,
+        pending: torch.Tensor | None = None,
+        pending_mask: torch.Tensor | None = None,
+        keys_values: list | None = None,
+    ):
         self.state = state
         self.seq_length = seq_length
+        # segment steps: the token embeddings of the current partial segment (B, P, D), which the next call completes,
+        # and which of them are tokens (B, P) where rows differ (None: all); and per block the keys and values of the
+        # segment's read slots and those tokens, so a decoded token costs one position (None: built when needed)
+        self.pending = pending
+        self.pending_mask = pending_mask
+        self.keys_values = keys_values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seq_length
 
+    def tensors(self) -> dict:
+        """The tensors held, by name (None where absent)."""
+        return {"state": self.state, "pending": self.pending, "pending_mask": self.pending_mask}
+
+    def map_rows(self, rows) -> "GPTBCache":
+        """A new cache with `rows(tensor)` applied to every tensor along the batch (beams, repeats)."""
+        held = {name: None if value is None else rows(value) for name, value in self.tensors().items()}
+        if self.keys_values is not None:
+            held["keys_values"] = [(rows(keys), rows(values)) for keys, values in self.keys_values]
+        return GPTBCache(seq_length=self.seq_length, **held)
+
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+        reordered = self.map_rows(lambda value: value.index_select(0, beam_idx.to(value.device)))
+        self.state, self.pending, self.pending_mask = reordered.state, reordered.pending, reordered.pending_mask
+        self.keys_values = reordered.keys_values
 
     def __repr__(self):
-        return f"GPTBCache(state={tuple(self.state.shape)}, seq_length={self.seq_length})"
+        pending = "" if self.pending is None else f", pending={tuple(self.pending.shape)}"
+        return f"GPTBCache(state={tuple(self.state.shape)}, seq_length={self.seq_length}{pending})"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -150,13 +179,15 @@ class GPTBCache:
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Attention written out (transformers' `"eager"`), returning its weights: the window is causal only when the
-    module is (`rebias=False`). Output `(batch, width, n_head, head_dim)`, as the attention interface expects."""
+    """Attention written out (transformers' `"eager"`), returning its weights. `attention_mask`, boolean, gives the keys
+    each query may read (a segment step's mask); None: causal only when `is_causal` (`rebias=False`). Output
+    `(batch, width, n_head, head_dim)`, as the attention interface expects."""
     scores = (query @ key.transpose(-2, -1)) * scaling
-    if module.is_causal:
+    if attention_mask is None and kwargs.get("is_causal", module.is_causal):
         width = query.shape[-2]
-        future = torch.ones(width, width, dtype=torch.bool, device=query.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
+        attention_mask = torch.ones(width, width, dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None:  # boolean: the keys each query may read
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
     weights = scores.softmax(dim=-1)
     output = F.dropout(weights, p=dropout, training=module.training) @ value
     return output.transpose(1, 2), weights
@@ -175,11 +206,14 @@ class GPTBAttention(nn.Module):
         # rebias: the window is read both ways, so the state slots see the new token
         self.is_causal = not config.rebias
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False):
-        """The attention output and, with `output_attentions`, its weights `(batch, n_head, width, width)`."""
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, mask: torch.Tensor | None = None):
+        """
+        The attention output and, with `output_attentions`, its weights `(batch, n_head, width, width)`. `mask`, a
+        boolean `(batch or 1, 1, width, width)` of the keys each query may read, replaces the window's own rule (a
+        segment step's mask); None: bidirectional, or causal with `rebias=False`.
+        """
         batch, width, dim = x.shape
-        qkv = self.c_attn(x).view(batch, width, 3, self.n_head, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._heads(x)
         attention = eager_attention_forward
         if self.config._attn_implementation != "eager" and not output_attentions:  # SDPA returns no weights
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -190,13 +224,34 @@ class GPTBAttention(nn.Module):
             q,
             k,
             v,
-            None,  # no mask inside the window: padding is handled by the step (docs/design.md#padding)
+            mask,  # None: the window's own rule; padding is handled by the step (docs/design.md#padding)
             scaling=1.0 / math.sqrt(self.head_dim),
             dropout=self.attn_pdrop if self.training else 0.0,
-            is_causal=self.is_causal,
+            is_causal=self.is_causal and mask is None,
         )
         y = y.reshape(batch, width, dim)
         return self.resid_dropout(self.c_proj(y)), weights if output_attentions else None
+
+    def _heads(self, x: torch.Tensor):
+        """Queries, keys and values `(batch, n_head, width, head_dim)` of the positions `x`."""
+        batch, width, _ = x.shape
+        qkv = self.c_attn(x).view(batch, width, 3, self.n_head, self.head_dim)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def extend(self, x: torch.Tensor, past, mask: torch.Tensor | None = None):
+        """
+        Attention of new positions `x` over the keys and values `past` (a pair `(batch, n_head, n, head_dim)`, or
+        None) and their own, under `mask` `(width, n + width)` (None: every key); returns the output and the keys and
+        values of all `n + width` positions. A segment's decode step: the cache holds `past` (docs/design.md).
+        """
+        batch, width, dim = x.shape
+        q, k, v = self._heads(x)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        dropout = self.attn_pdrop if self.training else 0.0
+        scale = 1.0 / math.sqrt(self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, width, dim))), (k, v)
 
 
 class GPTBMLP(nn.Module):
@@ -216,7 +271,7 @@ class GPTBMLP(nn.Module):
 
 
 class GPTBBlock(nn.Module):
-    """A GPT-2 block (pre-LayerNorm attention and MLP with residuals) over the (M + 1)-position window."""
+    """A GPT-2 block (pre-LayerNorm attention and MLP with residuals) over a step's window."""
 
     def __init__(self, config: GPTBConfig):
         super().__init__()
@@ -225,10 +280,16 @@ class GPTBBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPTBMLP(config)
 
-    def forward(self, x: torch.Tensor, output_attentions: bool = False):
-        attended, weights = self.attn(self.ln_1(x), output_attentions)
+    def forward(self, x: torch.Tensor, output_attentions: bool = False, mask: torch.Tensor | None = None):
+        attended, weights = self.attn(self.ln_1(x), output_attentions, mask)
         x = x + attended
         return x + self.mlp(self.ln_2(x)), weights
+
+    def extend(self, x: torch.Tensor, past, mask: torch.Tensor | None = None):
+        """The block over new positions `x` that also read the keys and values `past` (see `GPTBAttention.extend`)."""
+        attended, keys_values = self.attn.extend(self.ln_1(x), past, mask)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), keys_values
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,7 +319,7 @@ class GPTBPreTrainedModel(PreTrainedModel):
             init.normal_(module.initial_embeds, mean=0.0, std=std)
             # Not in checkpoints (non-persistent): from_pretrained builds the model on the meta device, so the buffer
             # holds garbage until it is set here.
-            positions = torch.arange(module.state_size + 1, device=module.window_positions.device)
+            positions = torch.arange(self.config.window_size, device=module.window_positions.device)
             init.copy_(module.window_positions, positions)
             # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer). Done from the body (it runs after its
             # children): transformers skips custom-code modules without parameters of their own, so a branch on
@@ -442,7 +503,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         self.h = nn.ModuleList([GPTBBlock(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.state_update = build_state_update(config)
-        self.register_buffer("window_positions", torch.arange(config.state_size + 1), persistent=False)
+        self.register_buffer("window_positions", torch.arange(config.window_size), persistent=False)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -469,6 +530,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        write_partial_segment: bool = True,
         **kwargs,
     ) -> GPTBModelOutput | tuple:
         r"""
@@ -486,6 +548,9 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
                 step (computed without SDPA's fused kernel, so slower).
             token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): as in GPT-2,
                 their `wte` embeddings are added to the token embeddings.
+            write_partial_segment (`bool`, defaults to `True`): segment steps (`segment_length` > 1): write a last
+                partial segment into `past_hidden_states`. `generate()` passes False: it continues from `cache`,
+                and the write would cost the write slots at every token.
 
         GPT-2's `position_ids`, `encoder_hidden_states` and `encoder_attention_mask` have no meaning here and are
         refused (`ValueError`), as is any other argument this model does not read. Every input is checked before any
@@ -499,6 +564,8 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
+        if not isinstance(write_partial_segment, bool):
+            raise ValueError(f"`write_partial_segment` must be True or False, got {write_partial_segment!r}")
         checks = ValueChecks()
         batch, steps = self._check_tokens(input_ids, inputs_embeds, token_type_ids, checks)
         state, consumed = self._start_state(past_hidden_states, cache, batch, checks)
@@ -512,19 +579,29 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
             state = self.initial_state(batch)
         state = state.to(device=token_embeds.device, dtype=token_embeds.dtype)
 
-        state, last_hidden_state, hidden_states, attentions = self._run_call(
-            state, token_embeds, step_mask, output_hidden_states, output_attentions
+        out = self._run_call(
+            state,
+            token_embeds,
+            step_mask,
+            output_hidden_states,
+            output_attentions,
+            cache if isinstance(cache, GPTBCache) else None,
+            write_partial_segment,
         )
-        new_cache = GPTBCache(state, consumed + steps) if use_cache else None
+        new_cache = None
+        if use_cache:
+            held = (out.pending, out.pending_mask, out.keys_values)
+            new_cache = GPTBCache(out.cache_state, consumed + steps, *held)
 
         if not return_dict:
-            return tuple(v for v in (last_hidden_state, state, hidden_states, attentions) if v is not None)
+            output = (out.last_hidden_state, out.state, out.hidden_states, out.attentions)
+            return tuple(v for v in output if v is not None)
         return GPTBModelOutput(
-            last_hidden_state=last_hidden_state,
-            past_hidden_states=state,
+            last_hidden_state=out.last_hidden_state,
+            past_hidden_states=out.state,
             cache=new_cache,
-            hidden_states=hidden_states,
-            attentions=attentions,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
 
     # -- input checks: a clear error before any work -------------------------------------------------------------
@@ -699,6 +776,8 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         # A user's starting state is for the first step only; after it the returned cache carries the state.
         if past_hidden_states is not None and not isinstance(cache, GPTBCache):
             model_inputs["past_hidden_states"] = past_hidden_states
+        if self.config.segment_length > 1:  # generate() reads the cache, never the written partial segment
+            model_inputs["write_partial_segment"] = False
         return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
@@ -709,8 +788,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         )
         cache = model_kwargs.get("cache")
         if expand_size > 1 and isinstance(cache, GPTBCache):
-            state = cache.state.repeat_interleave(expand_size, dim=0)
-            model_kwargs["cache"] = GPTBCache(state, cache.seq_length)
+            model_kwargs["cache"] = cache.map_rows(lambda value: value.repeat_interleave(expand_size, dim=0))
         return input_ids, model_kwargs
 
     @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")  # before transformers' own
@@ -747,6 +825,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         art_mode: str | None = None,
         token_type_ids: torch.LongTensor | None = None,
+        write_partial_segment: bool = True,
         **kwargs,
     ) -> GPTBCausalLMOutput | tuple:
         r"""
@@ -790,6 +869,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             token_type_ids=token_type_ids,
+            write_partial_segment=write_partial_segment,
             return_dict=True,
         )
         hidden = outputs.last_hidden_state
@@ -825,14 +905,14 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         state = cache.state if isinstance(cache, GPTBCache) else None
         if not self.decode_graphs.applies(self, input_ids, state, **other_inputs):
             return None
-        decoded = self.decode_graphs.decode(self, input_ids, state, attention_mask)
+        decoded = self.decode_graphs.decode(self, input_ids, cache, attention_mask)
         if decoded is None:
             return None
-        logits, state = decoded
+        logits, state, cache_state, pending, pending_mask = decoded
         if not return_dict:
             return logits, state
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        new_cache = GPTBCache(state, cache.seq_length + 1) if use_cache else None
+        new_cache = GPTBCache(cache_state, cache.seq_length + 1, pending, pending_mask) if use_cache else None
         return GPTBCausalLMOutput(logits=logits, past_hidden_states=state, cache=new_cache)
 
     def _check_labels(self, inputs, labels, logits_to_keep):

@@ -12,22 +12,25 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def forward_flops_per_token(config) -> float:
     """
-    FLOPs of one step's forward: every block over the window of M + 1 positions (the weight matmuls, 2 FLOPs per
-    multiply-add, and the attention scores and weighted values over the whole window), `lm_head` at the token and
-    the state update's projections.
+    FLOPs of the forward per token: every block over a step's window (the weight matmuls, 2 FLOPs per multiply-add,
+    and the attention scores and weighted values over the whole window) and the state update's projections, once per
+    step, shared by its `segment_length` K tokens; and `lm_head` at each token. The window is M + 1 positions for the
+    one-token step, 2M + K for a segment step, so a segment step costs (2M + K) / K positions of GPT-2's work per
+    token plus attention over the window (docs/design.md#segment-steps).
     Embeddings, LayerNorms, softmax, activations and biases are left out (a few percent).
     """
-    width, dim = config.state_size + 1, config.n_embd
+    width, dim = config.window_size, config.n_embd
     inner = config.n_inner if config.n_inner is not None else 4 * dim
     weights_per_layer = 3 * dim * dim + dim * dim + 2 * dim * inner  # c_attn, attn.c_proj, c_fc, mlp.c_proj
     blocks = 2 * weights_per_layer * width * config.n_layer
     attention = 2 * 2 * width * width * dim * config.n_layer  # Q K^T and A V
     lm_head = 2 * dim * config.vocab_size
-    return float(blocks + attention + lm_head + state_update_flops(config))
+    return (blocks + attention + state_update_flops(config)) / config.segment_length + lm_head
 
 
 def state_update_flops(config) -> int:
-    """Matmul FLOPs of one step's state update (`config.state_update`, modeling_gptb/state_update.py)."""
+    """Matmul FLOPs of one step's state update (`config.state_update`, modeling_gptb/state_update.py), once per
+    step: per segment for segment steps."""
     slots, dim = config.state_size, config.n_embd
     write = 2 * dim * slots * dim  # h W_w: one (D -> M D) projection of the token position's output
     return {

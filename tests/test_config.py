@@ -14,6 +14,7 @@ def test_defaults_and_gpt2_names():
     assert config.state_size == 32 and config.rebias is True and config.bptt_steps is None
     assert config.use_cache is True and config.tie_word_embeddings is True
     assert config.activation_function == "gelu_new" and config.art_enabled is False
+    assert config.segment_length == 1 and config.window_size == config.state_size + 1
 
 
 def test_save_load_round_trip(tmp_path):
@@ -46,6 +47,13 @@ def test_from_gpt2_config_converts_and_overrides():
         (dict(attn_pdrop=-0.1), r"attn_pdrop must be a number in \[0, 1\]"),
         (dict(embd_pdrop="x"), r"embd_pdrop must be a number in \[0, 1\]"),
         (dict(n_positions=4, state_size=4), r"n_positions \(4\) must be >= state_size \+ 1 \(5\)"),
+        (dict(segment_length=0), r"segment_length must be an integer >= 1, got 0"),
+        (dict(segment_length=2.0), r"segment_length must be an integer >= 1, got 2.0"),
+        (dict(segment_length=True), r"segment_length must be an integer >= 1, got True"),
+        (
+            dict(n_positions=20, state_size=4, segment_length=13),
+            r"n_positions \(20\) must be >= 2 \* state_size \+ segment_length \(21\)",
+        ),
         (dict(art_vigilance=2.0), r"art_vigilance must be a number in \[0, 1\]"),
         (dict(art_beta=-1.0), r"art_beta must be a number in \[0, 1\]"),
         (dict(art_rule="hebbian"), r"art_rule must be one of \('cosine', 'fuzzy'\)"),

@@ -146,6 +146,7 @@ def test_the_design_document_covers_each_subject():
         "distributed-art",
         "how-speed-is-measured",
         "state-update-variants",
+        "segment-steps",
         "reliability-guarantees",
     }
     assert subjects <= anchors, f"docs/design.md lacks the sections {sorted(subjects - anchors)}"

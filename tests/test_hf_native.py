@@ -71,8 +71,10 @@ def offline_hub(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def saved_model(tmp_path):
-    model = randomize(tiny_model(art_enabled=True, art_vigilance=0.99), seed=3)
+def saved_model(tmp_path, request):
+    # a test may ask for segment steps with @pytest.mark.parametrize("saved_model", [K], indirect=True)
+    segment_length = getattr(request, "param", 1)
+    model = randomize(tiny_model(art_enabled=True, art_vigilance=0.99, segment_length=segment_length), seed=3)
     model.train()
     with torch.no_grad():
         model(torch.randint(0, 60, (6, 5), generator=torch.Generator().manual_seed(3)))  # the memory learns
@@ -155,6 +157,7 @@ SUBPROCESS_SCRIPT = WITHOUT_THE_PACKAGE + textwrap.dedent(
 
 
 @pytest.mark.smoke
+@pytest.mark.parametrize("saved_model", [1, 3], indirect=True, ids=["one-token", "segments"])
 def test_remote_code_in_a_fresh_process_without_the_package(saved_model, tmp_path):
     model, folder = saved_model
     work = tmp_path / "work"

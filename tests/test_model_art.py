@@ -22,9 +22,10 @@ def fresh_memory(model):
     return ARTMemory(c.n_embd, rule=c.art_rule, vigilance=c.art_vigilance, beta=c.art_beta, alpha=c.art_alpha)
 
 
+@pytest.mark.parametrize("segment_length", [1, 4])  # pooled over the token positions, never the state slots
 @pytest.mark.parametrize("pooling", ["mean", "state", "last"])
-def test_training_forward_feeds_the_pooled_valid_steps(pooling):
-    model = art_model(art_pooling=pooling).train()
+def test_training_forward_feeds_the_pooled_valid_steps(pooling, segment_length):
+    model = art_model(art_pooling=pooling, segment_length=segment_length).train()
     x = tokens()
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     out = model(x, attention_mask=mask)

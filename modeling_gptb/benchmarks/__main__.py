@@ -17,7 +17,7 @@ import torch
 from .common import SIZES, Context, pick_device, sizes_dict
 
 DESCRIPTION = "Benchmark GPTB and ARTMemory against GPT-2, the one-at-a-time ART loop and the hardware."
-SECTIONS = ("matmul", "step", "generate", "art", "trainer")
+SECTIONS = ("matmul", "step", "generate", "segments", "art", "trainer")
 # One CPU thread unless asked: on a shared machine torch's OpenMP workers make every small op of a step wait for a
 # worker the neighbours have descheduled. Measured on the shared 2-core machine under load: the quick inference step
 # ran 10x slower on 2 threads than on 1, while a lone GEMM ran 3x faster. Pass --threads on a dedicated machine.

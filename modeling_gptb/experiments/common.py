@@ -164,9 +164,9 @@ def train_flops_per_token(model, kind: str, context: int = 0) -> float:
     Forward, per token, with P the parameters of the L blocks, D the width, V the vocabulary:
       - GPT-2 at context T: 2P (matmuls) + 2·L·D·(T+1) (scores and weighted values, on average (T+1)/2 keys
         under the causal mask) + 2·D·V (the vocabulary projection);
-      - GPTB with M state slots: one window of M+1 positions per token: 2P·(M+1) + 4·L·D·(M+1)² (every position
-        attends to all M+1, whatever the mask: the implementation computes the full scores) + 2·D·V, plus the
-        state update's projections (`throughput.state_update_flops`).
+      - GPTB with M state slots: one window of W = M+1 positions per token (W = 2M+K per K tokens for segment
+        steps): (2P·W + 4·L·D·W² (every position attends to all W, whatever the mask: the implementation computes
+        the full scores), plus the state update's projections (`throughput.state_update_flops`)) / K + 2·D·V.
     Embedding look-ups, LayerNorms, softmax and activations are left out (they are a few percent here).
     """
     config = model.config
@@ -175,8 +175,9 @@ def train_flops_per_token(model, kind: str, context: int = 0) -> float:
     if kind == "gpt2":
         forward = 2 * p + 2 * layers * d * (context + 1) + 2 * d * vocab
     else:
-        window = config.state_size + 1
-        forward = 2 * p * window + 4 * layers * d * window**2 + 2 * d * vocab + state_update_flops(config)
+        window, segment = config.window_size, config.segment_length
+        per_step = 2 * p * window + 4 * layers * d * window**2 + state_update_flops(config)
+        forward = per_step / segment + 2 * d * vocab
     return 3.0 * forward
 
 
