@@ -179,8 +179,8 @@ class GPTBCache:
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Attention written out (transformers' `"eager"`), returning its weights. `attention_mask`, boolean, gives the keys
-    each query may read (a segment step's mask); None: causal only when `is_causal` (`rebias=False`). Output
+    """Attention written out (transformers' `"eager"`), returning its weights. `attention_mask`, boolean, gives the
+    keys each query may read (a segment step's mask); None: causal only when `is_causal` (`rebias=False`). Output
     `(batch, width, n_head, head_dim)`, as the attention interface expects."""
     scores = (query @ key.transpose(-2, -1)) * scaling
     if attention_mask is None and kwargs.get("is_causal", module.is_causal):
