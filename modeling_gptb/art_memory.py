@@ -230,18 +230,19 @@ class ARTMemory(nn.Module):
         self.register_buffer("category_counts", torch.zeros(capacity, device=device, dtype=torch.long))
         self.register_buffer("num_committed", torch.zeros((), device=device, dtype=torch.long))
         self.register_buffer("novelty_histogram", torch.zeros(NOVELTY_BINS, device=device, dtype=torch.long))
-        # the fitted input transform (scale 0: not fitted), the calibration, and what describes each category
-        self.register_buffer("input_center", torch.zeros(self.dim, device=device, dtype=dtype))
-        self.register_buffer("input_scale", torch.zeros((), device=device, dtype=dtype))
-        self.register_buffer("calibration", torch.zeros(len(_CALIBRATION_FIELDS), device=device, dtype=dtype))
-        self.register_buffer(
-            "calibration_quantiles", torch.zeros((2, CALIBRATION_QUANTILES), device=device, dtype=dtype)
-        )
-        self.register_buffer("rows_seen", torch.zeros((), device=device, dtype=torch.long))
-        self.register_buffer("category_created", torch.full((capacity,), -1, device=device, dtype=torch.long))
-        self.register_buffer(
-            "category_exemplars", torch.full((capacity, ART_EXEMPLAR_TOKENS), -1, device=device, dtype=torch.long)
-        )
+        # The fitted input transform (scale 0: not fitted), the calibration and what describes each category travel in
+        # the ART file, not the state_dict: model folders saved before they existed keep loading.
+        extra = {
+            "input_center": torch.zeros(self.dim, device=device, dtype=dtype),
+            "input_scale": torch.zeros((), device=device, dtype=dtype),
+            "calibration": torch.zeros(len(_CALIBRATION_FIELDS), device=device, dtype=dtype),
+            "calibration_quantiles": torch.zeros((2, CALIBRATION_QUANTILES), device=device, dtype=dtype),
+            "rows_seen": torch.zeros((), device=device, dtype=torch.long),
+            "category_created": torch.full((capacity,), -1, device=device, dtype=torch.long),
+            "category_exemplars": torch.full((capacity, ART_EXEMPLAR_TOKENS), -1, device=device, dtype=torch.long),
+        }
+        for name, tensor in extra.items():
+            self.register_buffer(name, tensor, persistent=False)
         self._warned_full = False
         self._committed_seen = None
         self._remember_committed(0)
@@ -680,17 +681,32 @@ class ARTMemory(nn.Module):
         update would do: `RESONATED`, `NEW` (would create a category) or `REJECTED` (would, but the memory is full).
         An empty memory gives category -1, status `NEW`, similarity 0 and novelty 1.
         """
+        decided = self._decide(x)
+        if isinstance(decided, ARTOutput):
+            return decided
+        winner, resonated, similarity, best = decided
+        full = self.num_categories >= self.max_categories
+        return self._output(torch.where(resonated, winner, -1), resonated, ~resonated & full, similarity, best)
+
+    def _decide(self, x):
+        """The rule's decision for each row against the memory as it is: (winner, resonated, similarity, best), or
+        the output for an empty memory or no rows."""
         x = self._check_x(x)
         n, k = x.shape[0], self.num_categories
-        full = k >= self.max_categories
         if n == 0 or k == 0:
-            return self._no_category_output(n, full)
+            return self._no_category_output(n, k >= self.max_categories)
         rows = self._rule.prepare_input(x)
         w = self.weight[:k].to(rows.dtype)
         per_chunk = max(1, 2**24 // (k * self.stored_dim))  # bounds the (rows, categories, features) scratch
         decided = [self._rule.decide(chunk, w, self._params()) for chunk in rows.split(per_chunk)]
-        winner, resonated, similarity, best = (torch.cat(field) for field in zip(*decided, strict=True))
-        return self._output(torch.where(resonated, winner, -1), resonated, ~resonated & full, similarity, best)
+        return tuple(torch.cat(field) for field in zip(*decided, strict=True))
+
+    @torch.no_grad()
+    @_exact_arithmetic
+    def nearest(self, x: torch.Tensor) -> torch.LongTensor:
+        """The winning category of each row, whether or not it passes the vigilance (-1 for an empty memory)."""
+        decided = self._decide(x)
+        return decided.category if isinstance(decided, ARTOutput) else decided[0]
 
     def novelty(self, x: torch.Tensor) -> torch.Tensor:
         """1 - best similarity (`cosine`) or 1 - best match (`fuzzy`) of each row; 1 for an empty memory."""
@@ -784,8 +800,8 @@ class ARTMemory(nn.Module):
     ) -> dict:
         """
         Set the novelty threshold from held-out in-domain rows `x` (N, dim) so that a share `fpr` of them is flagged
-        novel: "novel" then means "less familiar than a share 1 - fpr of in-domain inputs" (docs/design.md#calibrated-
-        verdict). Nothing is learned.
+        novel: "novel" then means "less familiar than a share 1 - fpr of in-domain inputs"
+        (docs/design.md#calibrated-verdict). Nothing is learned.
 
         `surprise` (N,), *optional*: another per-row novelty signal (a model passes its mean per-token loss). With
         it, the **combined score** `(novelty - m_n) / s_n + (surprise - m_s) / s_s` (means and standard deviations

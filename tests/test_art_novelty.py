@@ -138,6 +138,11 @@ def test_calibration_errors_are_clear():
     assert memory.calibration_report() is None
 
 
+def test_the_new_state_travels_in_the_art_file_not_the_state_dict():
+    """Model folders saved before it existed hold no such weights, and must keep loading."""
+    assert set(ARTMemory(4).state_dict()) == {"weight", "category_counts", "num_committed", "novelty_histogram"}
+
+
 def test_reset_forgets_the_calibration_but_keeps_the_fit():
     memory, *_ = calibrated()
     memory.reset()
@@ -177,12 +182,13 @@ def test_transform_calibration_and_descriptions_travel_in_the_file(tmp_path):
     path = memory.save_pretrained(tmp_path)
     loaded = ARTMemory.from_pretrained(tmp_path)
     assert loaded.input_transform == "euclidean" and loaded.lift == memory.lift
-    for name, tensor in memory.state_dict().items():
+    loaded_buffers = dict(loaded.named_buffers())
+    for name, tensor in memory.named_buffers():
         if name in ("category_created", "category_exemplars", "weight", "category_counts"):
             k = memory.num_categories
-            assert torch.equal(tensor[:k], loaded.state_dict()[name][:k]), name
+            assert torch.equal(tensor[:k], loaded_buffers[name][:k]), name
         else:
-            assert torch.equal(tensor, loaded.state_dict()[name]), name
+            assert torch.equal(tensor, loaded_buffers[name]), name
     assert loaded.calibration_report() == report
     # a memory built with another transform refuses the file, and a damaged fit is refused by the reader
     with pytest.raises(ValueError, match="input_transform is 'euclidean' in the file but 'none' here"):
@@ -205,3 +211,76 @@ def test_a_version_2_file_loads_as_an_untransformed_uncalibrated_memory(tmp_path
     assert loaded.input_transform == "none" and loaded.calibration_report() is None
     assert torch.equal(loaded.prototypes, memory.prototypes) and torch.equal(loaded.counts, memory.counts)
     assert int(loaded.rows_seen) == 30 and loaded.describe_category(0)["created_at"] == -1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On a model: statuses by name, exemplars, fit, calibration and the report
+
+
+def test_the_output_names_its_art_statuses():
+    from conftest import tiny_model
+
+    model = tiny_model(art_enabled=True, art_vigilance=0.99).train()
+    ids = torch.randint(1, 59, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 6, [0] * 6, [0, 0, 1, 1, 1, 1]])
+    out = model(ids, attention_mask=mask)
+    assert out.art_status.dtype == torch.long  # the codes stay a tensor
+    assert out.art_status_names() == [str(ARTStatus(int(code))) for code in out.art_status[:1]] + [
+        "skipped",
+        str(ARTStatus(int(out.art_status[2]))),
+    ]
+    # the category the first row created keeps its first tokens; the left-padded row's start past its pads
+    assert model.art_memory.describe_category(0)["exemplar"] == ids[0].tolist()
+    if out.art_status[2] == ARTStatus.NEW:
+        assert model.art_memory.describe_category(int(out.art_category[2]))["exemplar"] == ids[2, 2:].tolist()
+
+
+def test_first_valid_tokens_skips_padding_on_either_side():
+    from modeling_gptb.modeling_gptb import first_valid_tokens
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 9, 3, 4], [1, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0]])
+    assert first_valid_tokens(ids, mask, count=3).tolist() == [[5, 6, 7], [3, 4, -1], [1, 2, -1]]
+    assert first_valid_tokens(ids, None, count=2).tolist() == [[5, 6], [9, 9], [1, 2]]
+
+
+def test_fit_calibrate_and_report_on_a_model():
+    from conftest import tiny_model, tiny_tokenizer
+
+    from modeling_gptb.art_report import art_report, calibrate_art_memory, fit_art_memory, format_art_report
+
+    model = tiny_model(art_enabled=True, art_vigilance=0.9, art_input_transform="euclidean")
+    generator = torch.Generator().manual_seed(0)
+    training, held_out = torch.randint(1, 30, (40, 8), generator=generator), torch.randint(1, 30, (40, 8))
+    with pytest.raises(ValueError, match="is not fitted"):
+        model.train()(training[:2])
+    fitted = fit_art_memory(model.eval(), training)
+    assert fitted == {"categories": model.art_memory.num_categories, "sequences": 40}
+    calibration = calibrate_art_memory(model, held_out, fpr=0.1)
+    assert calibration["score"] == "combined" and calibration["rows"] == 40
+    report = art_report(model, tiny_tokenizer(), ["w1 w2 w3 w4 w5", "w58 w57 w58 w57 w58 w57"])
+    text = format_art_report(report)
+    assert "input euclidean" in text and "calibrated on 40 held-out in-domain sequences" in text
+    for item in report["texts"]:
+        assert item["verdict"].startswith("novel: less familiar than" if item["novel"] else "familiar: as familiar")
+        assert 0 <= item["percentile"] <= 100 and item["nearest"]["count"] >= 1
+        assert item["nearest"]["created_at"] >= 0 and item["nearest"]["exemplar"].startswith("w")
+
+
+def test_the_config_fields_build_the_memory_and_bad_values_are_refused():
+    from modeling_gptb import art_memory, configuration_gptb
+    from modeling_gptb.configuration_gptb import GPTBConfig
+    from modeling_gptb.modeling_gptb import GPTBLMHeadModel
+
+    assert configuration_gptb.ART_INPUT_TRANSFORMS == art_memory.ART_INPUT_TRANSFORMS
+    config = GPTBConfig(n_embd=8, n_layer=1, n_head=2, vocab_size=16, state_size=2, art_enabled=True)
+    assert GPTBLMHeadModel(config).art_memory.input_transform == "none"  # today's input stays the default
+    config = GPTBConfig(**{**config.to_dict(), "art_input_transform": "euclidean", "art_lift": 2.5})
+    memory = GPTBLMHeadModel(config).art_memory
+    assert (memory.input_transform, memory.lift, memory.rule_dim, memory.stored_dim) == ("euclidean", 2.5, 9, 9)
+    with pytest.raises(ValueError, match="art_input_transform must be one of"):
+        GPTBConfig(art_input_transform="pca")
+    with pytest.raises(ValueError, match="needs art_rule='cosine'"):
+        GPTBConfig(art_input_transform="center", art_rule="fuzzy")
+    with pytest.raises(ValueError, match="art_lift must be > 0 and finite"):
+        GPTBConfig(art_lift=float("inf"))
