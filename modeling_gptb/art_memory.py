@@ -230,13 +230,15 @@ class ARTMemory(nn.Module):
         self.register_buffer("category_counts", torch.zeros(capacity, device=device, dtype=torch.long))
         self.register_buffer("num_committed", torch.zeros((), device=device, dtype=torch.long))
         self.register_buffer("novelty_histogram", torch.zeros(NOVELTY_BINS, device=device, dtype=torch.long))
-        # The fitted input transform (scale 0: not fitted), the calibration and what describes each category travel in
-        # the ART file, not the state_dict: model folders saved before they existed keep loading.
+        # The fitted input transform (scale 0: not fitted), the calibration (float64 but on MPS, so that thresholds and
+        # the fpr read back as computed) and what describes each category travel in the ART file, not the state_dict:
+        # model folders saved before they existed keep loading.
+        exact = torch.float32 if device is not None and torch.device(device).type == "mps" else torch.float64
         extra = {
             "input_center": torch.zeros(self.dim, device=device, dtype=dtype),
             "input_scale": torch.zeros((), device=device, dtype=dtype),
-            "calibration": torch.zeros(len(_CALIBRATION_FIELDS), device=device, dtype=dtype),
-            "calibration_quantiles": torch.zeros((2, CALIBRATION_QUANTILES), device=device, dtype=dtype),
+            "calibration": torch.zeros(len(_CALIBRATION_FIELDS), device=device, dtype=exact),
+            "calibration_quantiles": torch.zeros((2, CALIBRATION_QUANTILES), device=device, dtype=exact),
             "rows_seen": torch.zeros((), device=device, dtype=torch.long),
             "category_created": torch.full((capacity,), -1, device=device, dtype=torch.long),
             "category_exemplars": torch.full((capacity, ART_EXEMPLAR_TOKENS), -1, device=device, dtype=torch.long),
@@ -437,7 +439,8 @@ class ARTMemory(nn.Module):
         if not self.input_fitted:
             raise ValueError(
                 f"input_transform={self.input_transform!r} is not fitted: call fit_input_transform(x) with "
-                "in-domain rows first (GPTBLMHeadModel.fit_art_memory does it for a model)"
+                "in-domain rows first (for a model: train with art_input_transform='none', then "
+                "modeling_gptb.art_report.fit_art_memory(model, ids, input_transform=...))"
             )
         x = x - self.input_center.to(x.dtype)
         if self.input_transform == "center":

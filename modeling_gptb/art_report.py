@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .art_memory import ARTMemory
 from .modeling_gptb import first_valid_tokens
 
 _QUANTILES = (0.5, 0.9, 0.99)
@@ -51,14 +52,43 @@ def _memory(model):
     return model.art_memory
 
 
-def fit_art_memory(model, input_ids, attention_mask=None, batch_size: int = 32) -> dict:
+def fit_art_memory(
+    model,
+    input_ids,
+    attention_mask=None,
+    batch_size: int = 32,
+    input_transform: str | None = None,
+    vigilance: float | None = None,
+) -> dict:
     """
     Rebuild the model's ART memory from the trained model's own states: fit the input transform on the pooled
     vectors of `input_ids` (a sample of training sequences), forget the categories learned while the representation
     was still changing, and learn these sequences in order (each new category keeps its sequence's first tokens).
-    Under `torch.distributed` each rank passes its share. Returns `{"categories": ..., "sequences": ...}`.
+
+    `input_transform` and `vigilance`, if given, replace the config's (`art_input_transform`, `art_vigilance`; the
+    config is updated, so the model saves and loads with them): train with the default input, then fit the memory a
+    detector needs. Under `torch.distributed` each rank passes its share. Returns `{"categories": ..., "sequences":
+    ...}`.
     """
     memory = _memory(model)
+    config = model.config
+    transform = config.art_input_transform if input_transform is None else input_transform
+    vigilance = config.art_vigilance if vigilance is None else vigilance
+    if (transform, vigilance) != (memory.input_transform, memory.vigilance):
+        memory = ARTMemory(
+            memory.dim,
+            rule=memory.rule,
+            vigilance=vigilance,
+            beta=config.art_beta,
+            alpha=memory.alpha,
+            max_categories=memory.max_categories,
+            input_transform=transform,
+            lift=config.art_lift,
+            device=memory.weight.device,
+            dtype=memory.weight.dtype,
+        )  # checks the values before the model changes
+        model.art_memory = memory
+        config.art_input_transform, config.art_vigilance = transform, vigilance
     pooled = sequence_scores(model, input_ids, attention_mask, batch_size)["pooled"]
     memory.fit_input_transform(pooled)
     memory.update(pooled, exemplars=first_valid_tokens(input_ids, attention_mask))
