@@ -1,7 +1,9 @@
 """
-The `art_memory.safetensors` file: safetensors with tensors `prototypes`, `counts` and `novelty_histogram`, and in
-its metadata the hyperparameters, the format version, optionally the sha256 of each weights file saved with the
-memory (`weights_sha256`), and a checksum (`sha256`) over all of the metadata and the tensor data. Design:
+The `art_memory.safetensors` file: safetensors with tensors `prototypes`, `counts` and `novelty_histogram` (and from
+format version 3 the fitted input transform, the calibration and what describes each category: `VERSION_3_TENSORS`),
+and in its metadata the hyperparameters, the format version, optionally the sha256 of each weights file saved with the
+memory (`weights_sha256`), and a checksum (`sha256`) over all of the metadata and the tensor data. Version 2 files
+(written before the input transform existed) load as memories with `input_transform="none"`, uncalibrated. Design:
 `docs/design.md#art_memorysafetensors`.
 """
 
@@ -19,7 +21,19 @@ from .art_rules import ART_RULES, _check_alpha, _check_int, _check_rule, _check_
 
 ART_MEMORY_FILE = "art_memory.safetensors"
 ART_FORMAT = "gptb-art-memory"
-ART_FORMAT_VERSION = 2
+ART_FORMAT_VERSION = 3
+# Tensors a version 3 file adds (k: categories, d: dim): name -> (dtype, shape from k and d). Their values are checked
+# as far as a reader relies on them; NaN in `calibration` means "not calibrated".
+VERSION_3_TENSORS = {
+    "input_center": (torch.float, lambda k, d: (d,)),
+    "input_scale": (torch.float, lambda k, d: (1,)),
+    "calibration": (torch.float, lambda k, d: (9,)),
+    "calibration_quantiles": (torch.float, lambda k, d: (2, 101)),
+    "rows_seen": (torch.long, lambda k, d: (1,)),
+    "category_created": (torch.long, lambda k, d: (k,)),
+    "category_exemplars": (torch.long, lambda k, d: (k, 16)),
+}
+_DEFAULT_LIFT = 4.0
 # The novelty of every row a memory learned from, counted in NOVELTY_BINS equal bins over [0, NOVELTY_RANGE].
 NOVELTY_BINS, NOVELTY_RANGE = 2000, 2.0
 
@@ -68,6 +82,8 @@ def encode_art_file(config: dict, tensors: dict[str, torch.Tensor], weights_sha2
         "alpha": repr(config["alpha"]),
         "max_categories": str(config["max_categories"]),
         "num_categories": str(config["num_categories"]),
+        "input_transform": config["input_transform"],
+        "lift": repr(config["lift"]),
     }
     if weights_sha256:
         metadata["weights_sha256"] = json.dumps(weights_sha256, sort_keys=True)
@@ -100,6 +116,16 @@ _METADATA_FIELDS = {
     "num_categories": lambda v: _check_int("num_categories", int(v), minimum=0),
 }
 _OPTIONAL_FIELDS = {"weights_sha256": _parse_weights_sha256}
+_VERSION_3_FIELDS = {
+    "input_transform": lambda v: _check_choice("input_transform", v, ("none", "center", "euclidean")),
+    "lift": lambda v: _check_alpha(float(v), "lift"),
+}
+
+
+def _check_choice(name: str, value: str, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}")
+    return value
 
 
 def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -143,18 +169,19 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
             "format version 1, whose checksum does not cover the hyperparameters, so they cannot be verified; "
             f"this code reads version {ART_FORMAT_VERSION} only"
         )
-    if version != str(ART_FORMAT_VERSION):
+    if version not in ("2", str(ART_FORMAT_VERSION)):
         raise problem(
-            f"unsupported format version {version!r} (this code reads version {ART_FORMAT_VERSION}); upgrade the "
-            "code that reads it"
+            f"unsupported format version {version!r} (this code reads versions 2 and {ART_FORMAT_VERSION}); upgrade "
+            "the code that reads it"
         )
-    missing = [key for key in (*_METADATA_FIELDS, "sha256") if key not in metadata]
+    fields = dict(_METADATA_FIELDS) | (_VERSION_3_FIELDS if version == "3" else {})
+    missing = [key for key in (*fields, "sha256") if key not in metadata]
     if missing:
         raise problem(f"metadata lacks {missing}")
     if _checksum(metadata, _data_section(data)) != metadata["sha256"]:
         raise problem("checksum mismatch: the metadata or the tensor data is damaged")
-    config = dict.fromkeys(_OPTIONAL_FIELDS)
-    for key, parse in (*_METADATA_FIELDS.items(), *_OPTIONAL_FIELDS.items()):
+    config = dict.fromkeys(_OPTIONAL_FIELDS) | {"input_transform": "none", "lift": _DEFAULT_LIFT}
+    for key, parse in (*fields.items(), *_OPTIONAL_FIELDS.items()):
         if key not in metadata:
             continue
         try:
@@ -162,8 +189,11 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         except ValueError as exc:
             raise problem(f"bad metadata {key}={metadata[key]!r}: {exc}") from None
 
-    if sorted(tensors) != ["counts", "novelty_histogram", "prototypes"]:
-        raise problem(f"expected tensors 'prototypes', 'counts' and 'novelty_histogram', found {sorted(tensors)}")
+    expected_names = sorted(
+        ["counts", "novelty_histogram", "prototypes", *(VERSION_3_TENSORS if version == "3" else ())]
+    )
+    if sorted(tensors) != expected_names:
+        raise problem(f"expected tensors {expected_names}, found {sorted(tensors)}")
     histogram = tensors["novelty_histogram"]
     if histogram.dtype != torch.long or tuple(histogram.shape) != (NOVELTY_BINS,) or histogram.min() < 0:
         raise problem(
@@ -172,7 +202,8 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         )
     prototypes, counts = tensors["prototypes"], tensors["counts"]
     k = config["num_categories"]
-    expected = (k, ART_RULES[config["rule"]]().stored_dim(config["dim"]))
+    rule_dim = config["dim"] + (config["input_transform"] == "euclidean")
+    expected = (k, ART_RULES[config["rule"]]().stored_dim(rule_dim))
     if not prototypes.is_floating_point() or tuple(prototypes.shape) != expected:
         raise problem(
             f"prototypes are {prototypes.dtype} of shape {tuple(prototypes.shape)}; expected floats of shape "
@@ -186,7 +217,24 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         raise problem("categories with a count below 1 or non-finite prototypes")
     if k and config["rule"] == "fuzzy" and (prototypes.min() < 0 or prototypes.max() > 1):
         raise problem("fuzzy prototypes outside [0, 1]")
+    if config["input_transform"] != "none" and config["rule"] != "cosine":
+        raise problem(f"input_transform {config['input_transform']!r} with rule {config['rule']!r}; it needs 'cosine'")
+    if version == "3":
+        _check_version_3_tensors(tensors, k, config["dim"], problem)
     return config, tensors
+
+
+def _check_version_3_tensors(tensors: dict, k: int, dim: int, problem) -> None:
+    for name, (kind, shape_of) in VERSION_3_TENSORS.items():
+        tensor, shape = tensors[name], shape_of(k, dim)
+        right_kind = tensor.is_floating_point() if kind == torch.float else tensor.dtype == torch.long
+        if not right_kind or tuple(tensor.shape) != shape:
+            what = "floats" if kind == torch.float else "int64"
+            raise problem(f"{name} is {tensor.dtype} of shape {tuple(tensor.shape)}; expected {what} of shape {shape}")
+    if not torch.isfinite(tensors["input_center"]).all() or not tensors["input_scale"][0] >= 0:
+        raise problem("input_center must be finite and input_scale >= 0")
+    if tensors["rows_seen"][0] < 0 or (tensors["category_exemplars"] < -1).any():
+        raise problem("rows_seen must be >= 0 and category_exemplars token ids >= -1")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,19 @@ from .configuration_gptb import ART_MAX_BUFFER_BYTES
 # The values of `ARTMemory.engine`. "auto" is the block engine everywhere until the device engine is measured faster.
 ART_ENGINES = ("auto", "block", "device")
 
+# What the rule sees of an input row x (docs/design.md#what-the-memory-sees): "none", x itself; "center", x - c;
+# "euclidean", [(x - c) / s, lift], whose cosine is 1 - |x - y|^2 / (2 s^2 lift^2) to first order, so the cosine rule
+# decides by Euclidean distance. c and s (the mean row and the RMS distance to it) are fitted by `fit_input_transform`.
+ART_INPUT_TRANSFORMS = ("none", "center", "euclidean")
+# Tokens of the input that created each category, kept to describe it (`update(..., exemplars=...)`).
+ART_EXEMPLAR_TOKENS = 16
+# `calibration` holds: the false-positive rate, the novelty threshold, the combined-score threshold, the mean and
+# standard deviation of the calibration novelty and surprise (all 0 without surprise), the rows (0: not calibrated) and
+# the score in use (1: combined). Zeros, not NaN, mark what is absent, so that states compare equal.
+_CALIBRATION_FIELDS = ("fpr", "threshold", "combined_threshold", "novelty_mean", "novelty_std", "surprise_mean",
+                       "surprise_std", "rows", "combined")  # fmt: skip
+CALIBRATION_QUANTILES = 101  # novelty (and combined score) at 0, 1, ..., 100 percent of the calibration rows
+
 
 def _exact_arithmetic(method):
     """Run without autograd and outside autocast: under bf16 mixed precision the scores must stay float64."""
@@ -169,6 +182,11 @@ class ARTMemory(nn.Module):
             plain average of prototype and input; 1.0 for `fuzzy`, fast learning).
         alpha (`float`, defaults to 1e-3): Fuzzy ART's choice parameter (> 0); unused by `cosine`.
         max_categories (`int`, defaults to 1024): capacity. Full memories reject, never overwrite.
+        input_transform (`str`, defaults to `"none"`): what the rule sees of each input row, one of
+            `ART_INPUT_TRANSFORMS` (docs/design.md#what-the-memory-sees); `"center"` and `"euclidean"` need
+            `fit_input_transform` first and the `cosine` rule.
+        lift (`float`, defaults to 4.0): the constant coordinate `"euclidean"` appends, in units of the fitted RMS
+            distance; larger makes the cosine closer to the Euclidean distance (> 0, finite).
         engine (`str`, defaults to `"auto"`): how `update` computes: `"block"`, the block engine (`art_engine.py`);
             `"device"`, the engine without host synchronisation (`art_device_engine.py`); `"auto"`, the block engine
             until the device engine is measured faster on a GPU. The decisions are the same
@@ -200,6 +218,8 @@ class ARTMemory(nn.Module):
         alpha: float = 1e-3,
         max_categories: int = 1024,
         *,
+        input_transform: str = "none",
+        lift: float = 4.0,
         engine: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -212,15 +232,36 @@ class ARTMemory(nn.Module):
         self.vigilance = vigilance
         self.beta = self._rule.default_beta if beta is None else beta
         self.alpha = alpha
+        if input_transform not in ART_INPUT_TRANSFORMS:
+            raise ValueError(f"input_transform must be one of {list(ART_INPUT_TRANSFORMS)}, got {input_transform!r}")
+        if input_transform != "none" and self.rule != "cosine":
+            raise ValueError(f"input_transform={input_transform!r} needs rule='cosine' (fuzzy inputs lie in [0, 1])")
+        self._input_transform = input_transform
+        self.lift = _check_alpha(lift, "lift")
         if dtype is None:
             dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point dtype, got {dtype}")
-        shape = (capacity, self._rule.stored_dim(self.dim))
+        shape = (capacity, self._rule.stored_dim(self.rule_dim))
         self.register_buffer("weight", torch.zeros(shape, device=device, dtype=dtype))
         self.register_buffer("category_counts", torch.zeros(capacity, device=device, dtype=torch.long))
         self.register_buffer("num_committed", torch.zeros((), device=device, dtype=torch.long))
         self.register_buffer("novelty_histogram", torch.zeros(NOVELTY_BINS, device=device, dtype=torch.long))
+        # The fitted input transform (scale 0: not fitted), the calibration (float64 but on MPS, so that thresholds and
+        # the fpr read back as computed) and what describes each category travel in the ART file, not the state_dict:
+        # model folders saved before they existed keep loading.
+        exact = torch.float32 if device is not None and torch.device(device).type == "mps" else torch.float64
+        extra = {
+            "input_center": torch.zeros(self.dim, device=device, dtype=dtype),
+            "input_scale": torch.zeros((), device=device, dtype=dtype),
+            "calibration": torch.zeros(len(_CALIBRATION_FIELDS), device=device, dtype=exact),
+            "calibration_quantiles": torch.zeros((2, CALIBRATION_QUANTILES), device=device, dtype=exact),
+            "rows_seen": torch.zeros((), device=device, dtype=torch.long),
+            "category_created": torch.full((capacity,), -1, device=device, dtype=torch.long),
+            "category_exemplars": torch.full((capacity, ART_EXEMPLAR_TOKENS), -1, device=device, dtype=torch.long),
+        }
+        for name, tensor in extra.items():
+            self.register_buffer(name, tensor, persistent=False)
         self._warned_full = False
         self._committed_seen = None
         self._remember_committed(0)
@@ -329,6 +370,26 @@ class ARTMemory(nn.Module):
         return self.weight.shape[1]
 
     @property
+    def input_transform(self) -> str:
+        """What the rule sees of a row (fixed at construction: it sets the prototypes' width)."""
+        return self._input_transform
+
+    @property
+    def rule_dim(self) -> int:
+        """Features of a row after the input transform: `dim`, plus the lift coordinate for `"euclidean"`."""
+        return self.dim + (self.input_transform == "euclidean")
+
+    @property
+    def input_fitted(self) -> bool:
+        """Whether `fit_input_transform` has set the center and scale (a host sync)."""
+        return bool(self.input_scale > 0)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether `calibrate` has set the novelty threshold (a host sync)."""
+        return bool(self.calibration[_CALIBRATION_FIELDS.index("rows")] > 0)
+
+    @property
     def num_categories(self) -> int:
         """Number of categories in use (a host sync)."""
         return int(self.num_committed)
@@ -344,29 +405,36 @@ class ARTMemory(nn.Module):
         return self.category_counts[: self.num_categories]
 
     def extra_repr(self) -> str:
+        transform = "" if self.input_transform == "none" else f", input_transform={self.input_transform!r}"
         return (
             f"dim={self.dim}, rule={self.rule!r}, vigilance={self.vigilance}, beta={self.beta}, alpha={self.alpha}, "
-            f"max_categories={self.max_categories}"
+            f"max_categories={self.max_categories}{transform}"
         )
 
     @_serialised
     def reset(self) -> None:
-        """Forget every category."""
+        """Forget every category and the calibration (made against them); a fitted input transform stays."""
         self.weight.zero_()
         self.category_counts.zero_()
         self.num_committed.zero_()
         self.novelty_histogram.zero_()
+        self.calibration.zero_()
+        self.calibration_quantiles.zero_()
+        self.rows_seen.zero_()
+        self.category_created.fill_(-1)
+        self.category_exemplars.fill_(-1)
         self._warned_full = False
 
     def _params(self) -> dict:
         return {"vigilance": self.vigilance, "beta": self.beta, "alpha": self.alpha}
 
-    def _check_x(self, x, check_values: bool = True) -> torch.Tensor:
+    def _check_x(self, x, check_values: bool = True, transform: bool = True) -> torch.Tensor:
         """Validate inputs before anything changes; return them as (N, dim) in the score dtype on our device.
 
         Rows with NaN or Inf, or with values the prototypes' dtype cannot hold, are refused: a learned row would store
         them, and a memory holding Inf is one no file can carry. `check_values=False` leaves the values unchecked
-        (shapes and dtypes only) for the device engine, which checks them in its one host read (`_value_report`)."""
+        (shapes and dtypes only) for the device engine, which checks them in its one host read (`_value_report`).
+        With `transform`, the rows come back through the input transform (rule_dim features)."""
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
         if x.dtype == torch.bool or x.is_complex():
@@ -390,7 +458,22 @@ class ARTMemory(nn.Module):
             if not torch.isfinite(x.abs().amax().to(dtype)):  # a value the prototypes' dtype rounds to infinity
                 self._value_error(1, (~torch.isfinite(x.to(dtype)).all(-1)).nonzero()[0].item())
             self._rule.check_input(x)
-        return x
+        return self._transformed(x) if transform else x
+
+    def _transformed(self, x: torch.Tensor) -> torch.Tensor:
+        """What the rule sees of checked rows (docs/design.md#what-the-memory-sees)."""
+        if self.input_transform == "none":
+            return x
+        if not self.input_fitted:
+            raise ValueError(
+                f"input_transform={self.input_transform!r} is not fitted: call fit_input_transform(x) with "
+                "in-domain rows first (for a model: train with art_input_transform='none', then "
+                "modeling_gptb.art_report.fit_art_memory(model, ids, input_transform=...))"
+            )
+        x = x - self.input_center.to(x.dtype)
+        if self.input_transform == "center":
+            return x
+        return torch.cat([x / self.input_scale.to(x.dtype), x.new_full((x.shape[0], 1), self.lift)], dim=1)
 
     def _value_report(self, x: torch.Tensor) -> torch.Tensor:
         """`_check_x`'s value checks as device values, read with the device engine's one host read: the first row
@@ -438,7 +521,7 @@ class ARTMemory(nn.Module):
     @_serialised
     @torch.no_grad()
     @_exact_arithmetic
-    def update(self, x: torch.Tensor, sync: bool | None = None) -> ARTOutput:
+    def update(self, x: torch.Tensor, sync: bool | None = None, exemplars: torch.Tensor | None = None) -> ARTOutput:
         """
         Learn from the rows of `x` (N, dim) one at a time, in order (docs/design.md#artmemory); report each row.
 
@@ -451,22 +534,40 @@ class ARTMemory(nn.Module):
         the memories stay identical without relying on DDP's buffer broadcast. Every rank must call `update` the
         same number of times (an empty `x` is fine). `sync=True` insists on a process group, `sync=False` updates
         this process alone.
+
+        `exemplars` (`torch.LongTensor` of shape `(N, L)`, *optional*): what each row stands for (a model passes the
+        first tokens of each sequence; -1 pads), kept for the categories rows create (the first
+        `ART_EXEMPLAR_TOKENS`) to describe them (`describe_category`).
         """
+        exemplars = self._check_exemplars(x, exemplars)
         if sync and not _distributed():
             raise RuntimeError("ARTMemory.update(sync=True) needs an initialised torch.distributed process group")
         if sync is not False and _distributed() and dist.get_world_size() > 1:
-            return self._update_distributed(x)
+            return self._update_distributed(x, exemplars)
         if self._device_engine():
-            return self._update(self._check_x(x, check_values=False), check_values=True)
-        return self._update(self._check_x(x))
+            return self._update(self._check_x(x, check_values=False), check_values=True, exemplars=exemplars)
+        return self._update(self._check_x(x), exemplars=exemplars)
 
-    def _update(self, x: torch.Tensor, check_values: bool = False) -> ARTOutput:
+    def _check_exemplars(self, x, exemplars) -> torch.Tensor | None:
+        """`exemplars` as (N, ART_EXEMPLAR_TOKENS) longs on our device (-1 pads), or None."""
+        if exemplars is None:
+            return None
+        shape = torch.as_tensor(x).shape
+        rows = shape[0] if len(shape) == 2 else 1
+        if not isinstance(exemplars, torch.Tensor) or exemplars.dtype != torch.long or exemplars.ndim != 2:
+            raise ValueError(f"exemplars must be a torch.long tensor of shape (N, L), got {exemplars!r:.80}")
+        if exemplars.shape[0] != rows:
+            raise ValueError(f"exemplars must have one row per input row ({rows}), got {exemplars.shape[0]}")
+        kept = exemplars[:, :ART_EXEMPLAR_TOKENS].to(self.weight.device)
+        return torch.nn.functional.pad(kept, (0, ART_EXEMPLAR_TOKENS - kept.shape[1]), value=-1)
+
+    def _update(self, x: torch.Tensor, check_values: bool = False, exemplars=None) -> ARTOutput:
         """Learn from rows checked by `_check_x` (with `check_values`: rows whose values the device engine checks)."""
         n = x.shape[0]
         if n == 0:
             return self._no_category_output(0, False)
         if self._device_engine():
-            return self._update_on_device(x, check_values)
+            return self._update_on_device(x, check_values, exemplars)
         start = self.num_categories  # a host sync: the engines size their work with it
         rows = self._rule.prepare_input(x)
         # A working copy (score dtype) of every category this call can reach, plus an overflow row at index `kw` that
@@ -483,9 +584,9 @@ class ARTMemory(nn.Module):
         self.weight.index_copy_(0, touched, w.index_select(0, touched).to(self.weight.dtype))
         self.category_counts.index_copy_(0, touched, counts.index_select(0, touched))
         self.num_committed.fill_(steps.committed)
-        return self._finish(steps.target, steps.resonated, steps.similarity, steps.best, kw)
+        return self._finish(steps.target, steps.resonated, steps.similarity, steps.best, kw, exemplars=exemplars)
 
-    def _update_on_device(self, x: torch.Tensor, check_values: bool) -> ARTOutput:
+    def _update_on_device(self, x: torch.Tensor, check_values: bool, exemplars=None) -> ARTOutput:
         """`_update` by the device engine: no host sync but its one read (docs/design.md#the-device-engine)."""
         n, start = x.shape[0], self._host_committed()
         rows = self._rule.prepare_input(x)
@@ -505,9 +606,9 @@ class ARTMemory(nn.Module):
         self.category_counts[:committed] = counts[:committed]
         self.num_committed.fill_(committed)
         self._remember_committed(committed)
-        return self._finish(target, resonated, similarity, best, kw, rejected)
+        return self._finish(target, resonated, similarity, best, kw, rejected, exemplars)
 
-    def _finish(self, target, resonated, similarity, best, kw, any_rejected=None) -> ARTOutput:
+    def _finish(self, target, resonated, similarity, best, kw, any_rejected=None, exemplars=None) -> ARTOutput:
         """The output of an update whose rows went to `target` (kw: rejected); warns at the first rejection."""
         rejected = target == kw
         if (
@@ -525,9 +626,26 @@ class ARTMemory(nn.Module):
         category = torch.where(rejected, -1, target)
         output = self._output(category, resonated, rejected, similarity, best)
         self.novelty_histogram.index_add_(0, _novelty_bins(output.novelty), torch.ones_like(category))
+        self._record_creations(output, exemplars)
         return output
 
-    def _update_distributed(self, x) -> ARTOutput:
+    def _record_creations(self, output: ARTOutput, exemplars) -> None:
+        """Note when each new category was created (rows learned before it) and its exemplar, without a host sync:
+        rows that created nothing write to a spare row past the buffers."""
+        n = len(output)
+        spare = torch.where(output.status == int(ARTStatus.NEW), output.category, self.max_categories)
+        for buffer, values in (
+            (self.category_created, self.rows_seen + torch.arange(n, device=self.rows_seen.device)),
+            (self.category_exemplars, exemplars),
+        ):
+            if values is None:
+                continue
+            extended = torch.cat([buffer, buffer[:1]])
+            extended.index_put_((spare.to(buffer.device),), values.to(buffer.device))
+            buffer.copy_(extended[:-1])
+        self.rows_seen.add_(n)
+
+    def _update_distributed(self, x, exemplars=None) -> ARTOutput:
         """Gather every rank's rows in rank order, apply the same update everywhere, return this rank's rows."""
         rank, world = dist.get_rank(), dist.get_world_size()
         error = None
@@ -568,13 +686,19 @@ class ARTMemory(nn.Module):
         longest = max(sizes)
         if longest == 0:
             return self._update(x)
-        padded = torch.zeros(longest, self.dim, dtype=x.dtype, device=device)
-        padded[:n] = x
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded)
-        rows = torch.cat([part[:size] for part, size in zip(gathered, sizes, strict=True)])
+
+        def gather(values: torch.Tensor, fill) -> torch.Tensor:
+            padded = torch.full((longest, values.shape[1]), fill, dtype=values.dtype, device=device)
+            padded[:n] = values
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded)
+            return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]).to(x.device)
+
+        # every rank passes exemplar rows (-1 where it has none), so that the collectives match
+        if exemplars is None:
+            exemplars = torch.full((n, ART_EXEMPLAR_TOKENS), -1, dtype=torch.long, device=x.device)
         lo = sum(sizes[:rank])
-        return self._update(rows.to(x.device))[lo : lo + n]
+        return self._update(gather(x, 0.0), exemplars=gather(exemplars, -1))[lo : lo + n]
 
     # -----------------------------------------------------------------------------------------------------------------
     # Reads that never learn
@@ -590,17 +714,32 @@ class ARTMemory(nn.Module):
         update would do: `RESONATED`, `NEW` (would create a category) or `REJECTED` (would, but the memory is full).
         An empty memory gives category -1, status `NEW`, similarity 0 and novelty 1.
         """
+        decided = self._decide(x)
+        if isinstance(decided, ARTOutput):
+            return decided
+        winner, resonated, similarity, best = decided
+        full = self.num_categories >= self.max_categories
+        return self._output(torch.where(resonated, winner, -1), resonated, ~resonated & full, similarity, best)
+
+    def _decide(self, x):
+        """The rule's decision for each row against the memory as it is: (winner, resonated, similarity, best), or
+        the output for an empty memory or no rows."""
         x = self._check_x(x)
         n, k = x.shape[0], self.num_categories
-        full = k >= self.max_categories
         if n == 0 or k == 0:
-            return self._no_category_output(n, full)
+            return self._no_category_output(n, k >= self.max_categories)
         rows = self._rule.prepare_input(x)
         w = self.weight[:k].to(rows.dtype)
         per_chunk = max(1, 2**24 // (k * self.stored_dim))  # bounds the (rows, categories, features) scratch
         decided = [self._rule.decide(chunk, w, self._params()) for chunk in rows.split(per_chunk)]
-        winner, resonated, similarity, best = (torch.cat(field) for field in zip(*decided, strict=True))
-        return self._output(torch.where(resonated, winner, -1), resonated, ~resonated & full, similarity, best)
+        return tuple(torch.cat(field) for field in zip(*decided, strict=True))
+
+    @torch.no_grad()
+    @_exact_arithmetic
+    def nearest(self, x: torch.Tensor) -> torch.LongTensor:
+        """The winning category of each row, whether or not it passes the vigilance (-1 for an empty memory)."""
+        decided = self._decide(x)
+        return decided.category if isinstance(decided, ARTOutput) else decided[0]
 
     def novelty(self, x: torch.Tensor) -> torch.Tensor:
         """1 - best similarity (`cosine`) or 1 - best match (`fuzzy`) of each row; 1 for an empty memory."""
@@ -627,6 +766,171 @@ class ARTMemory(nn.Module):
             return math.nan
         bin_index = int(torch.searchsorted(histogram.cumsum(0), math.ceil(q * total)))
         return (bin_index + 0.5) * NOVELTY_RANGE / NOVELTY_BINS
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Fitting the input transform, calibrating the verdict, describing categories
+
+    @torch.no_grad()
+    @_exact_arithmetic
+    def fit_input_transform(self, x: torch.Tensor) -> "ARTMemory":
+        """
+        Fit the input transform's center (the mean row) and scale (the RMS distance of the rows to it) on in-domain
+        rows `x` (N, dim), then `reset` the memory: categories learned in other coordinates mean nothing in the new
+        ones. Under `torch.distributed` every rank passes its rows and the sums are all-reduced in float64, so every
+        rank gets the statistics of all the rows. Rows that are all the same (no spread) raise `ValueError`.
+        """
+        error = None
+        try:
+            x = self._check_x(x, transform=False)
+        except Exception as exc:  # report after the collectives, or the other ranks would wait forever
+            error, x = exc, torch.zeros(0, self.dim, dtype=torch.float64, device=self.weight.device)
+        x = x.double()
+        sums = self._all_reduced(torch.cat([x.sum(0), x.new_tensor([x.shape[0], error is not None])]))
+        if error is not None:
+            raise error
+        if sums[-1]:
+            raise ValueError("ARTMemory.fit_input_transform: invalid input on another rank; nothing was fitted")
+        rows = int(sums[-2])
+        if rows == 0:
+            raise ValueError("ARTMemory.fit_input_transform needs at least one row")
+        center = sums[:-2] / rows
+        scale = (self._all_reduced((x - center).square().sum()[None])[0] / rows).sqrt()
+        if not scale > 0:
+            raise ValueError("ARTMemory.fit_input_transform: every row is the same, so there is no spread to scale by")
+        self.reset()
+        self.input_center.copy_(center)
+        self.input_scale.fill_(scale)
+        return self
+
+    def _all_reduced(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum of `values` over every rank (itself outside `torch.distributed`)."""
+        if not _distributed():
+            return values
+        device = torch.device("cpu") if dist.get_backend() == "gloo" else self.weight.device
+        values = values.to(device, torch.float64)
+        dist.all_reduce(values)
+        return values.to(self.weight.device)
+
+    def _all_gathered(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's `values` (1-D, any length), concatenated in rank order (itself outside `torch.distributed`)."""
+        if not _distributed():
+            return values
+        device = torch.device("cpu") if dist.get_backend() == "gloo" else self.weight.device
+        world = dist.get_world_size()
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([values.numel()], device=device))
+        sizes = [int(size) for size in sizes]
+        padded = torch.zeros(max(sizes), dtype=torch.float64, device=device)
+        padded[: values.numel()] = values
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]).to(values.device)
+
+    @torch.no_grad()
+    @_exact_arithmetic
+    def calibrate(
+        self, x: torch.Tensor, fpr: float = 0.05, surprise: torch.Tensor | None = None, score: str | None = None
+    ) -> dict:
+        """
+        Set the novelty threshold from held-out in-domain rows `x` (N, dim) so that a share `fpr` of them is flagged
+        novel: "novel" then means "less familiar than a share 1 - fpr of in-domain inputs"
+        (docs/design.md#calibrated-verdict). Nothing is learned.
+
+        `surprise` (N,), *optional*: another per-row novelty signal (a model passes its mean per-token loss). With
+        it, the **combined score** `(novelty - m_n) / s_n + (surprise - m_s) / s_s` (means and standard deviations
+        over these rows) is calibrated too. `score` picks what `verdict` uses: `"novelty"` or `"combined"` (default:
+        `"combined"` when `surprise` is given). Under `torch.distributed` every rank passes its rows and the
+        threshold is that of all of them. Returns the calibration (`calibration_report`); saved with the memory.
+        """
+        if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
+            raise ValueError(f"fpr must be a number in (0, 1), got {fpr!r}")
+        score = score or ("novelty" if surprise is None else "combined")
+        if score not in ("novelty", "combined"):
+            raise ValueError(f"score must be 'novelty' or 'combined', got {score!r}")
+        if score == "combined" and surprise is None:
+            raise ValueError("score='combined' needs surprise (one value per row)")
+        novelty = self.classify(x).novelty.double()
+        if surprise is not None:
+            surprise = torch.as_tensor(surprise, dtype=torch.float64, device=novelty.device)
+            if surprise.shape != novelty.shape or not torch.isfinite(surprise).all():
+                raise ValueError(
+                    f"surprise must be {tuple(novelty.shape)} finite values (one per row), got shape "
+                    f"{tuple(surprise.shape)}"
+                )
+            surprise = self._all_gathered(surprise)
+        novelty = self._all_gathered(novelty)
+        if novelty.numel() < 2:
+            raise ValueError(f"calibrate needs at least 2 held-out rows, got {novelty.numel()}")
+        if self.num_categories == 0:
+            raise ValueError("calibrate needs a memory that has learned: every row is novel to an empty memory")
+        levels = torch.linspace(0, 1, CALIBRATION_QUANTILES, dtype=torch.float64, device=novelty.device)
+        nan = 0.0  # absent: see _CALIBRATION_FIELDS
+        n_mean, n_std = novelty.mean(), novelty.std().clamp_min(1e-12)
+        values = {"fpr": fpr, "threshold": _upper_quantile(novelty, 1 - fpr), "combined_threshold": nan}
+        values |= {"novelty_mean": n_mean, "novelty_std": n_std, "surprise_mean": nan, "surprise_std": nan}
+        values |= {"rows": novelty.numel(), "combined": float(score == "combined")}
+        combined_quantiles = torch.full_like(levels, nan)
+        if surprise is not None:
+            s_mean, s_std = surprise.mean(), surprise.std().clamp_min(1e-12)
+            combined = (novelty - n_mean) / n_std + (surprise - s_mean) / s_std
+            values |= {"surprise_mean": s_mean, "surprise_std": s_std}
+            values["combined_threshold"] = _upper_quantile(combined, 1 - fpr)
+            combined_quantiles = torch.quantile(combined, levels)
+        self.calibration.copy_(
+            torch.tensor([float(values[name]) for name in _CALIBRATION_FIELDS], dtype=torch.float64)
+        )
+        self.calibration_quantiles.copy_(torch.stack([torch.quantile(novelty, levels), combined_quantiles]))
+        return self.calibration_report()
+
+    def calibration_report(self) -> dict | None:
+        """The calibration as a dict (`fpr`, `threshold`, `score`, the rows it used, ...), None before `calibrate`."""
+        if not self.calibrated:
+            return None
+        values = dict(zip(_CALIBRATION_FIELDS, self.calibration.tolist(), strict=True))
+        values["rows"] = int(values["rows"])
+        values["score"] = "combined" if values.pop("combined") else "novelty"
+        if not values["surprise_std"]:  # calibrated without surprise
+            for name in ("combined_threshold", "surprise_mean", "surprise_std"):
+                values[name] = None
+        return values
+
+    @torch.no_grad()
+    def verdict(self, novelty: torch.Tensor, surprise: torch.Tensor | None = None) -> dict:
+        """
+        The calibrated verdict on rows whose `novelty` (from `classify` or `novelty`) and, for the combined score,
+        `surprise` are given: `score` (the calibrated score), `percentile` (the share of the calibration rows with a
+        lower score, in [0, 100]) and `novel` (score above the threshold), as tensors. Raises `ValueError` before
+        `calibrate`.
+        """
+        report = self.calibration_report()
+        if report is None:
+            raise ValueError("the memory is not calibrated: call calibrate(held_out_in_domain_rows) first")
+        novelty = torch.as_tensor(novelty, dtype=torch.float64).cpu()
+        quantiles = self.calibration_quantiles.double().cpu()
+        if report["score"] == "combined":
+            if surprise is None:
+                raise ValueError("this memory's verdict uses the combined score: pass surprise too")
+            surprise = torch.as_tensor(surprise, dtype=torch.float64).cpu()
+            score = (novelty - report["novelty_mean"]) / report["novelty_std"]
+            score = score + (surprise - report["surprise_mean"]) / report["surprise_std"]
+            threshold, quantiles = report["combined_threshold"], quantiles[1]
+        else:
+            score, threshold, quantiles = novelty, report["threshold"], quantiles[0]
+        return {"score": score, "percentile": _percentile_of(score, quantiles), "novel": score > threshold}
+
+    def describe_category(self, category: int) -> dict:
+        """What the memory keeps about a category: its `count`, `created_at` (how many rows the memory had learned
+        from before the row that created it; -1 if unknown, as in files saved before it was kept) and `exemplar`
+        (the tokens passed with that row, -1 padding dropped; empty if none were)."""
+        if not 0 <= category < self.num_categories:
+            raise ValueError(f"category must be in [0, {self.num_categories}), got {category!r}")
+        exemplar = self.category_exemplars[category]
+        return {
+            "category": category,
+            "count": int(self.category_counts[category]),
+            "created_at": int(self.category_created[category]),
+            "exemplar": exemplar[exemplar >= 0].tolist(),
+        }
 
     # -----------------------------------------------------------------------------------------------------------------
     # Persistence
@@ -659,6 +963,13 @@ class ARTMemory(nn.Module):
             "prototypes": self.weight[:k].detach().cpu().contiguous(),
             "counts": self.category_counts[:k].detach().cpu().contiguous(),
             "novelty_histogram": self.novelty_histogram.detach().cpu().contiguous(),
+            "input_center": self.input_center.detach().cpu().contiguous(),
+            "input_scale": self.input_scale.detach().cpu().reshape(1),
+            "calibration": self.calibration.detach().cpu().contiguous(),
+            "calibration_quantiles": self.calibration_quantiles.detach().cpu().contiguous(),
+            "rows_seen": self.rows_seen.detach().cpu().reshape(1),
+            "category_created": self.category_created[:k].detach().cpu().contiguous(),
+            "category_exemplars": self.category_exemplars[:k].detach().cpu().contiguous(),
         }
         config = {
             "rule": self.rule,
@@ -668,6 +979,8 @@ class ARTMemory(nn.Module):
             "alpha": self.alpha,
             "max_categories": self.max_categories,
             "num_categories": k,
+            "input_transform": self.input_transform,
+            "lift": self.lift,
         }
         return encode_art_file(config, tensors, weights_sha256)
 
@@ -731,7 +1044,7 @@ class ARTMemory(nn.Module):
         config, tensors = load_art_file(path)
         dtype = dtype or tensors["prototypes"].dtype
         _check_exact_cast(path, tensors["prototypes"], dtype)
-        stored_dim = ART_RULES[config["rule"]]().stored_dim(config["dim"])
+        stored_dim = ART_RULES[config["rule"]]().stored_dim(config["dim"] + (config["input_transform"] == "euclidean"))
         needed = config["max_categories"] * (stored_dim * dtype.itemsize + torch.long.itemsize)
         if needed > max_buffer_bytes:
             raise ValueError(
@@ -746,6 +1059,8 @@ class ARTMemory(nn.Module):
             beta=config["beta"],
             alpha=config["alpha"],
             max_categories=config["max_categories"],
+            input_transform=config["input_transform"],
+            lift=config["lift"],
             device=device,
             dtype=dtype,
         )
@@ -773,6 +1088,8 @@ class ARTMemory(nn.Module):
                 ("vigilance", self.vigilance),
                 ("beta", self.beta),
                 ("alpha", self.alpha),
+                ("input_transform", self.input_transform),
+                ("lift", self.lift),
             )
             if config[key] != mine
         ]
@@ -787,14 +1104,45 @@ class ARTMemory(nn.Module):
         return self
 
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take a file's state; a version 2 file has no transform, calibration or category descriptions."""
         k = tensors["prototypes"].shape[0]
-        self.weight.zero_()
+        self.reset()
         self.weight[:k] = tensors["prototypes"]
-        self.category_counts.zero_()
         self.category_counts[:k] = tensors["counts"]
         self.num_committed.fill_(k)
         self.novelty_histogram.copy_(tensors["novelty_histogram"])
-        self._warned_full = False
+        self.input_center.zero_()
+        self.input_scale.zero_()
+        if "input_center" in tensors:
+            self.input_center.copy_(tensors["input_center"])
+            self.input_scale.copy_(tensors["input_scale"][0])
+            self.calibration.copy_(tensors["calibration"])
+            self.calibration_quantiles.copy_(tensors["calibration_quantiles"])
+            self.rows_seen.copy_(tensors["rows_seen"][0])
+            self.category_created[:k] = tensors["category_created"]
+            self.category_exemplars[:k] = tensors["category_exemplars"]
+        else:
+            self.rows_seen.fill_(int(tensors["counts"].sum()))
+
+
+def _upper_quantile(values: torch.Tensor, q: float) -> float:
+    """The smallest value with at least a share `q` of `values` at or below it: at most 1 - q of them lie above."""
+    ordered = values.sort().values
+    return float(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))])
+
+
+def _percentile_of(score: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
+    """Where each score sits among the calibration rows, in [0, 100], by linear interpolation between the quantiles
+    at 0, 1, ..., 100 percent; a plateau of equal quantiles (ties) counts from its middle."""
+    levels = torch.linspace(0, 100, len(quantiles), dtype=torch.float64)
+    low = torch.searchsorted(quantiles, score, side="left")
+    high = torch.searchsorted(quantiles, score, side="right")
+    inside = (low > 0) & (high < len(quantiles))
+    lo, hi = (low - 1).clamp(0, len(quantiles) - 1), high.clamp(0, len(quantiles) - 1)
+    span = (quantiles[hi] - quantiles[lo]).clamp_min(1e-300)
+    interpolated = levels[lo] + (levels[hi] - levels[lo]) * ((score - quantiles[lo]) / span).clamp(0, 1)
+    outside = torch.where(low == 0, 0.0, 100.0)
+    return torch.where(inside, interpolated, outside).to(torch.float64)
 
 
 def _check_exact_cast(path, prototypes: torch.Tensor, dtype: torch.dtype) -> None:
@@ -822,8 +1170,10 @@ def _novelty_bins(novelty: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "ART_EXEMPLAR_TOKENS",
     "ART_FORMAT",
     "ART_ENGINES",
+    "ART_INPUT_TRANSFORMS",
     "ART_FORMAT_VERSION",
     "ART_MAX_BUFFER_BYTES",
     "ART_MEMORY_FILE",

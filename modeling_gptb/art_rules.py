@@ -51,9 +51,9 @@ def _check_unit(name: str, value) -> float:
     return float(value)
 
 
-def _check_alpha(value) -> float:
+def _check_alpha(value, name: str = "alpha") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < math.inf:
-        raise ValueError(f"alpha must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 

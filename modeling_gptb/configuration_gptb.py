@@ -13,6 +13,7 @@ from .state_update import check_state_update_fields
 ART_RULES = ("cosine", "fuzzy")
 ART_MAX_BUFFER_BYTES = 2**30  # the bound on an ART memory's buffers: a config's, and a loaded file's by default
 ART_POOLINGS = ("mean", "state", "last")
+ART_INPUT_TRANSFORMS = ("none", "center", "euclidean")  # as art_memory.ART_INPUT_TRANSFORMS (tested equal)
 
 # GPT-2 config keys that GPTB has no use for; dropped when converting a GPT-2 config.
 _GPT2_ONLY_KEYS = (
@@ -93,6 +94,10 @@ class GPTBConfig(PretrainedConfig):
         art_max_categories (`int`, defaults to 1024): capacity of the memory.
         art_pooling (`str`, defaults to `"mean"`): `"mean"` (valid steps of the last layer at the token position),
             `"state"` (mean of the final state's slots) or `"last"` (the last valid step).
+        art_input_transform (`str`, defaults to `"none"`): what the memory's rule sees of the pooled vector:
+            `"none"`, `"center"` or `"euclidean"` (docs/design.md#what-the-memory-sees); the last two are fitted
+            by `fit_art_memory`.
+        art_lift (`float`, defaults to 4.0): the `"euclidean"` transform's constant coordinate (> 0, finite).
         art_loss_weight (`float`, defaults to 0.0): weight of the coupled loss pulling each sequence toward its
             category's prototype.
         art_resonated_weight (`float`, defaults to 1.0): continual-learning gate; loss weight of sequences that
@@ -153,6 +158,8 @@ class GPTBConfig(PretrainedConfig):
         art_alpha=1e-3,
         art_max_categories=1024,
         art_pooling="mean",
+        art_input_transform="none",
+        art_lift=4.0,
         art_loss_weight=0.0,
         art_resonated_weight=1.0,
         art_learn_in_eval=False,
@@ -193,6 +200,8 @@ class GPTBConfig(PretrainedConfig):
         self.art_alpha = art_alpha
         self.art_max_categories = art_max_categories
         self.art_pooling = art_pooling
+        self.art_input_transform = art_input_transform
+        self.art_lift = art_lift
         self.art_loss_weight = art_loss_weight
         self.art_resonated_weight = art_resonated_weight
         self.art_learn_in_eval = art_learn_in_eval
@@ -261,6 +270,17 @@ class GPTBConfig(PretrainedConfig):
         finite_number("initializer_range", 0, low_inclusive=True)
         finite_number("art_alpha", 0, low_inclusive=False)
         finite_number("art_loss_weight", 0, low_inclusive=True)
+        finite_number("art_lift", 0, low_inclusive=False)
+        if self.art_input_transform not in ART_INPUT_TRANSFORMS:
+            raise ValueError(
+                f"GPTBConfig.art_input_transform must be one of {ART_INPUT_TRANSFORMS}, got "
+                f"{self.art_input_transform!r}"
+            )
+        if self.art_input_transform != "none" and self.art_rule != "cosine":
+            raise ValueError(
+                f"GPTBConfig.art_input_transform={self.art_input_transform!r} needs art_rule='cosine', got "
+                f"{self.art_rule!r}"
+            )
         if self.art_rule not in ART_RULES:
             raise ValueError(f"GPTBConfig.art_rule must be one of {ART_RULES}, got {self.art_rule!r}")
         if self.art_enabled:  # refused before the model allocates the memory's buffers (float32 prototypes)

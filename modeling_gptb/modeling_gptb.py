@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput, cached_file
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .art_file import saved_weights_sha256
-from .art_memory import ART_MEMORY_FILE, ARTMemory, ARTOutput, ARTStatus
+from .art_memory import ART_EXEMPLAR_TOKENS, ART_MEMORY_FILE, ARTMemory, ARTOutput, ARTStatus
 from .chunked_loss import chunked_causal_lm_loss
 from .configuration_gptb import GPTBConfig
 from .cuda_graphs import DecodeGraphs
@@ -117,6 +117,12 @@ class GPTBCausalLMOutput(ModelOutput):
     art_category: torch.LongTensor | None = None
     art_status: torch.LongTensor | None = None
     art_novelty: torch.FloatTensor | None = None
+
+    def art_status_names(self) -> list[str] | None:
+        """`art_status` by name ("resonated", "new", "rejected"; "skipped" for a sequence without a valid step)."""
+        if self.art_status is None:
+            return None
+        return [str(ARTStatus(code)) if code >= 0 else "skipped" for code in self.art_status.tolist()]
 
 
 class GPTBCache:
@@ -712,6 +718,16 @@ def _describe(value) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
 
 
+def first_valid_tokens(input_ids: torch.Tensor, attention_mask=None, count: int = ART_EXEMPLAR_TOKENS):
+    """The first `count` tokens of each sequence that the mask keeps (left or right padding), -1 past the end."""
+    ids = input_ids[:, :count] if attention_mask is None else input_ids
+    if attention_mask is not None:
+        valid = attention_mask[:, -ids.shape[1] :].to(device=ids.device, dtype=torch.bool)
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :count]  # valid positions first
+        ids = torch.where(valid.gather(1, order), ids.gather(1, order), -1)
+    return ids.long()
+
+
 def _skipped_rows_filled(art: ARTOutput, kept: torch.Tensor) -> ARTOutput:
     """The memory's output for the `kept` rows, spread over the whole batch: category and status -1, novelty and
     similarity NaN where a row was skipped."""
@@ -750,6 +766,8 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
                 beta=config.art_beta,
                 alpha=config.art_alpha,
                 max_categories=config.art_max_categories,
+                input_transform=config.art_input_transform,
+                lift=config.art_lift,
             )
         self.decode_graphs = DecodeGraphs()  # used when config.decode_cuda_graph
         self.post_init()
@@ -874,7 +892,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         )
         hidden = outputs.last_hidden_state
         with self._art_undone_on_error(art_mode == "update"):
-            art, pooled = self._art(outputs, attention_mask, art_mode)
+            art, pooled = self._art(outputs, attention_mask, art_mode, input_ids)
             # config.loss_chunk_size: in training the loss makes the logits chunk by chunk, and returns none
             chunked_loss = labels is not None and self.training and self.config.loss_chunk_size is not None
             logits = None if chunked_loss else self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
@@ -959,13 +977,20 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
                     buffer.copy_(saved)
             raise
 
-    def _art(self, outputs: GPTBModelOutput, attention_mask, art_mode):
-        """Feed (or only classify) the pooled representation of each sequence; returns (ARTOutput, pooled)."""
+    def _art(self, outputs: GPTBModelOutput, attention_mask, art_mode, input_ids=None):
+        """Feed (or only classify) the pooled representation of each sequence; returns (ARTOutput, pooled). An
+        update keeps each sequence's first valid tokens as the exemplar of a category it creates."""
         if art_mode == "off":
             return None, None
         pooled = self.art_input(self.pool(outputs, attention_mask))
         memory_input = pooled.detach()
-        memory_call = self.art_memory.update if art_mode == "update" else self.art_memory.classify
+        exemplars = None if input_ids is None else first_valid_tokens(input_ids, attention_mask)
+
+        def memory_call(rows, keep=slice(None)):
+            if art_mode == "classify":
+                return self.art_memory.classify(rows)
+            return self.art_memory.update(rows, exemplars=None if exemplars is None else exemplars[keep])
+
         with torch.no_grad():
             if attention_mask is None:
                 return memory_call(memory_input), pooled
@@ -974,7 +999,8 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             has_steps = attention_mask[:, -steps:].to(device=pooled.device, dtype=torch.bool).any(dim=1)
             if bool(has_steps.all()):
                 return memory_call(memory_input), pooled
-            return _skipped_rows_filled(memory_call(memory_input[has_steps]), has_steps), pooled
+            kept = memory_call(memory_input[has_steps], has_steps.to(memory_input.device))
+            return _skipped_rows_filled(kept, has_steps), pooled
 
     def pool(self, outputs: GPTBModelOutput, attention_mask=None) -> torch.Tensor:
         """The `(batch_size, n_embd)` representation of each sequence chosen by `config.art_pooling`."""

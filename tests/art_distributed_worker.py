@@ -2,7 +2,8 @@
 
 Each rank feeds its own rows (a different number per rank) to the same memories for a few rounds, then tries an input
 that is invalid on rank 1 only, saves with the default `is_main_process`, and writes its final state and outputs to
-`<out>/<rule>-rank<r>.safetensors` for the test to compare.
+`<out>/<rule>-rank<r>.safetensors` for the test to compare. Then a `euclidean` memory is fitted, fed with exemplars and
+calibrated on each rank's own rows (`<out>/euclidean-rank<r>.safetensors`).
 """
 
 import os
@@ -31,6 +32,24 @@ def new_memory(rule: str) -> ARTMemory:
     return ARTMemory(DIM, rule=rule, max_categories=CAPACITY, dtype=torch.float64, **RULES[rule])
 
 
+def fitted_and_calibrated(rows_of, surprise_of, exemplars_of) -> ARTMemory:
+    """A `euclidean` memory fitted on, fed and calibrated with the given rows (a rank's, or all ranks' in order)."""
+    memory = ARTMemory(DIM, vigilance=0.99, max_categories=CAPACITY, input_transform="euclidean", dtype=torch.float64)
+    memory.fit_input_transform(rows_of(0))
+    memory.update(rows_of(1), exemplars=exemplars_of(1))
+    memory.calibrate(rows_of(2), fpr=0.2, surprise=surprise_of(2))
+    return memory
+
+
+def transformed_rows(rank: int, round_: int):
+    """Rows, surprise and exemplars of a rank for the transformed memory (round 1 of rank 1 is empty)."""
+    rows = rank_rows("cosine", rank, round_) * 3 + 1
+    n = rows.shape[0]
+    surprise = torch.arange(n, dtype=torch.float64) / 7 + rank
+    exemplars = torch.arange(n * 3).view(n, 3) + 100 * rank
+    return rows, surprise, exemplars
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -50,6 +69,9 @@ def main(out: str) -> None:
         for name in ("category", "status", "similarity"):
             tensors[name] = torch.cat([getattr(o, name) for o in outputs])
         save_file(tensors, os.path.join(out, f"{rule}-rank{rank}.safetensors"), metadata={"error": error})
+    mine = [transformed_rows(rank, round_) for round_ in range(ROUNDS)]
+    memory = fitted_and_calibrated(*(lambda r, i=i: mine[r][i] for i in range(3)))
+    save_file(dict(memory.named_buffers()), os.path.join(out, f"euclidean-rank{rank}.safetensors"))
     dist.destroy_process_group()
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import torch
-from art_distributed_worker import ROUNDS, RULES, new_memory, rank_rows
+from art_distributed_worker import ROUNDS, RULES, fitted_and_calibrated, new_memory, rank_rows, transformed_rows
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -62,3 +62,24 @@ def test_two_processes_hold_the_memory_of_one_process_fed_in_rank_order(tmp_path
         assert not os.path.exists(tmp_path / f"{rule}-saved-rank1")
         saved = ARTMemory.from_pretrained(tmp_path / f"{rule}-saved-rank0")
         assert torch.equal(saved.weight, single.weight) and torch.equal(saved.category_counts, single.category_counts)
+
+    check_transformed(tmp_path)
+
+
+def check_transformed(tmp_path):
+    """The fitted transform, the calibration and the category descriptions are those of all ranks' rows: the same on
+    every rank, and those of one process fed every rank's rows in rank order (the fit's sums up to float64 rounding of
+    the all-reduce)."""
+    ranks = [load_file(tmp_path / f"euclidean-rank{rank}.safetensors") for rank in range(WORLD)]
+    for name, tensor in ranks[0].items():
+        assert torch.equal(tensor, ranks[1][name]), name
+    parts = [[transformed_rows(rank, round_) for round_ in range(ROUNDS)] for rank in range(WORLD)]
+    single = fitted_and_calibrated(
+        *(lambda r, i=i: torch.cat([parts[rank][r][i] for rank in range(WORLD)]) for i in range(3))
+    )
+    for name, tensor in single.named_buffers():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(ranks[0][name], tensor, rtol=1e-12, atol=1e-12, msg=name)
+        else:
+            assert torch.equal(ranks[0][name], tensor), name
+    assert single.num_categories > 2 and single.calibration_report()["rows"] > 20

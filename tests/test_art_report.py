@@ -76,14 +76,17 @@ def test_the_report_says_what_a_text_would_do_and_where_its_novelty_sits(trained
     text = format_art_report(report)
     assert "vigilance 0.9" in text and "novelty of the training sequences: 50th percentile" in text
     for item in report["texts"]:
-        assert 0 <= item["novelty_percentile"] <= 100
+        assert 0 <= item["percentile"] <= 100
         if item["status"] == "resonated":
-            assert item["verdict"] == f"resonates with category #{item['category']}"
+            assert item["verdict"].startswith(f"familiar: resonates with category #{item['category']}")
         else:
-            assert item["category"] == -1 and item["verdict"].startswith("novel (no category")
-        line = next(line for line in text.splitlines() if repr(item["text"]) in line)
+            assert item["category"] == -1 and item["verdict"].startswith("novel: no category passes")
+        lines = text.splitlines()
+        at = lines.index(f"  {item['text']!r}")
+        line = lines[at + 1]
         assert f"{item['novelty']:.3f}" in line and "percentile" in line and item["verdict"] in line
         assert "category -1" not in line and "new " not in line
+        assert lines[at + 2].startswith(f"    nearest category #{item['nearest']['category']} (")
 
 
 def test_the_scored_texts_have_a_header_saying_what_they_are(trained):
@@ -102,12 +105,14 @@ def test_a_text_that_would_be_new_says_novel_not_category_minus_one():
     model(torch.randint(1, 59, (4, 6), generator=torch.Generator().manual_seed(1)))
     report = art_report(model.eval(), tiny_tokenizer(), ["w5 w6 w7"])
     (item,) = report["texts"]
-    assert item["status"] == "new" and item["verdict"] == "novel (no category)"
-    assert ": novel (no category)  'w5 w6 w7'" in format_art_report(report)
+    assert item["status"] == "new" and item["verdict"].startswith("novel: no category passes the vigilance")
+    assert "    novel: no category passes the vigilance (not calibrated)  (novelty" in format_art_report(report)
 
 
 def test_a_memory_that_learned_nothing_says_so():
     model = tiny_model(art_enabled=True).eval()
     report = art_report(model, tiny_tokenizer(), ["w1 w2"])
-    assert report["training_novelty"] is None and report["texts"][0]["novelty_percentile"] is None
-    assert "(no training novelty recorded): novel (no category)" in format_art_report(report)
+    assert report["training_novelty"] is None and report["texts"][0]["percentile"] is None
+    assert report["texts"][0]["nearest"] is None
+    text = format_art_report(report)
+    assert "novel: no category passes the vigilance" in text and "percentile" not in text.splitlines()[-1]

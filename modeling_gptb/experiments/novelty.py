@@ -1,90 +1,118 @@
 """Novelty detection: does the ART memory tell held-out text of the training domain from other domains?
 
-GPTB with ART enabled (cosine rule) is trained on domain A (`stdlib-docs`: docstring prose); the memory learns
-from the pooled representation of every training sequence. Then held-out blocks of A (in-domain, negatives) and
-of the other domains (`python-code`, `system-docs`; novel, positives) are scored by:
+GPTB with ART enabled (cosine rule) is trained on domain A (`stdlib-docs`: docstring prose). Then held-out blocks of
+A (in-domain, negatives) and of novel sets (positives) are scored. The novel sets: `python-code` (code vs prose),
+`system-docs` (other English prose: the near domain), `german` (German man pages under /usr/share/man/de: another
+language; left out, and said so, where the machine has none) and `random-chars` (random printable characters,
+generated from the seed). Scores, each higher = more novel:
 
-- `art_novelty`: 1 - best cosine similarity to the memory's prototypes, as learnt during training (read only);
-- `art_refit`: the same with a fresh memory fed the final model's embeddings of the training sample (the
-  prototypes learnt during training describe earlier versions of the representation);
-- `nn_cosine` (baseline): 1 - cosine similarity to the nearest training embedding (same pooled embeddings,
-  `train_reference_blocks` training blocks);
-- `loss` (baseline): the model's own mean per-token loss on the block.
+- `art_training`: the memory as learned during training (its prototypes describe earlier representations);
+- `art[T]` for each input transform T (`none`, today's input; `center`; `euclidean`; docs/design.md#what-the-memory-
+  sees): a memory fitted to the final model (`fit_input_transform` then `update` on `train_reference_blocks`
+  training blocks), read only;
+- `nn_cosine[T]` (baseline): 1 - cosine similarity to the nearest training block, on the same transformed embeddings
+  (for `euclidean` close to the nearest Euclidean distance); `nn_l2`: the nearest Euclidean distance, raw;
+- `loss` (baseline): the model's own mean per-token loss on the block;
+- `combined`: the calibrated combined score of `art[euclidean]` and the loss (docs/design.md#calibrated-verdict).
 
-Metrics: AUROC (novel = positive; Mann-Whitney with ties counted half, `common.auroc`) and FPR at 95% TPR (share
-of in-domain blocks flagged at the threshold that flags 95% of novel ones, `common.fpr_at_tpr`). The tokenizer is
-trained on A only, as a domain-A model's would be; that favours the loss baseline on code.
+Held-out A is split in two: `calibration_blocks` blocks calibrate the verdict (5% false positives) and choose nothing
+else; the rest are the test negatives. The vigilance per transform was chosen on validation splits (a 400-step probe
+of this setup, seed 0): the memory must stay well below capacity. Metrics: AUROC (novel = positive; Mann-Whitney with
+ties counted half, `common.auroc`), FPR at 95% TPR (`common.fpr_at_tpr`), and at the calibrated 5% threshold the
+share of held-out A flagged (false alarms) and of each novel set flagged. The tokenizer is trained on A only, as a
+domain-A model's would be.
 
-Time, default `cpu` preset on 2 shared CPU cores (OMP_NUM_THREADS=1), from step times measured with this preset
-(width 128, depth 2, M=8, ART on, vocabulary 1024, 1024 tokens/step): 0.41 s/step; scoring 300 blocks of 64 tokens
-takes 2.3 s, so ~15 s per seed for the reference sample and three test domains. 1300 steps x 3 seeds:
-3 x (1300 x 0.41 + 15) ≈ 1650 s ≈ 28 minutes (+ ~10 s corpora and tokenizer). Shared machines drift by +-30%.
-`mini`: seconds.
+Time, default `cpu` preset on 2 shared CPU cores (OMP_NUM_THREADS=1): 300 steps at 0.4-0.7 s/step, plus ~30 s of
+scoring: about 3-4 minutes per seed, 10-12 minutes for 3 seeds. `mini`: seconds.
 """
 
 from __future__ import annotations
 
+import random
+import string
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from modeling_gptb.art_memory import ARTMemory
+from modeling_gptb.data import SYSTEM_MAN_ROOT, _read_system_doc
 
 from . import common
 
 NAME = "novelty"
-METHODS = ("art_novelty", "art_refit", "nn_cosine", "loss")
+TRANSFORMS = ("none", "center", "euclidean")
+METHODS = (
+    "art_training",
+    *(f"art[{t}]" for t in TRANSFORMS),
+    *(f"nn_cosine[{t}]" for t in TRANSFORMS),
+    "nn_l2",
+    "loss",
+    "combined",
+)
+GERMAN_ROOT = SYSTEM_MAN_ROOT / "de"
 
 PRESETS = {
     "cpu": {
         "domain_a": "stdlib-docs",
-        "other_domains": ["python-code", "system-docs"],
-        "train_chars": 1_600_000,
+        "other_domains": ["python-code", "system-docs", "german", "random-chars"],
+        "train_chars": 800_000,
         "val_chars": 200_000,
         "tokenizer": 1024,
         "arch": {"n_embd": 128, "n_layer": 2, "n_head": 4},
         "state_size": 8,
         "art": {"art_vigilance": 0.9, "art_max_categories": 512},
+        "vigilance": {"none": 0.9, "center": 0.9, "euclidean": 0.95},
+        "lift": 4.0,
+        "fpr": 0.05,
         "tokens_per_step": 1024,
         "block": 64,
-        "steps": 1300,
+        "steps": 300,
         "train": {"lr": 2e-3, "weight_decay": 0.1},
-        "train_reference_blocks": 1000,
+        "train_reference_blocks": 600,
+        "calibration_blocks": 150,
         "test_blocks": 300,
         "eval_batch": 50,
     },
     "gpu": {
         "domain_a": "stdlib-docs",
-        "other_domains": ["python-code", "system-docs"],
+        "other_domains": ["python-code", "system-docs", "german", "random-chars"],
         "train_chars": None,
         "val_chars": 1_000_000,
         "tokenizer": 4096,
         "arch": {"n_embd": 384, "n_layer": 6, "n_head": 6},
         "state_size": 8,
         "art": {"art_vigilance": 0.9, "art_max_categories": 2048},
+        "vigilance": {"none": 0.9, "center": 0.9, "euclidean": 0.95},
+        "lift": 4.0,
+        "fpr": 0.05,
         "tokens_per_step": 8192,
         "block": 128,
         "steps": 1500,
         "train": {"lr": 1e-3, "weight_decay": 0.1},
         "train_reference_blocks": 5000,
+        "calibration_blocks": 500,
         "test_blocks": 1000,
         "eval_batch": 200,
     },
     "mini": {
         "domain_a": "stdlib-docs",
-        "other_domains": ["python-code", "system-docs"],
+        "other_domains": ["python-code", "random-chars"],
         "train_chars": 30_000,
-        "val_chars": 4_000,
+        "val_chars": 8_000,
         "tokenizer": "byte",
         "arch": {"n_embd": 32, "n_layer": 1, "n_head": 2},
         "state_size": 2,
         "art": {"art_vigilance": 0.9, "art_max_categories": 64},
+        "vigilance": {"none": 0.9, "center": 0.9, "euclidean": 0.95},
+        "lift": 4.0,
+        "fpr": 0.05,
         "tokens_per_step": 128,
         "block": 16,
         "steps": 3,
         "train": {"lr": 3e-3, "weight_decay": 0.1},
         "train_reference_blocks": 32,
+        "calibration_blocks": 16,
         "test_blocks": 16,
         "eval_batch": 16,
     },
@@ -101,6 +129,58 @@ def nn_cosine_distance(train: torch.Tensor, test: torch.Tensor, chunk: int = 102
     return torch.cat(out).float()
 
 
+def nn_l2_distance(train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """The Euclidean distance of each test row to the nearest training row."""
+    return torch.cdist(test.double(), train.double()).min(dim=1).values.float()
+
+
+def random_characters(chars: int, seed: int) -> list[str]:
+    """Printable ASCII drawn uniformly (letters, digits, punctuation, spaces): text no domain resembles."""
+    rng = random.Random(seed)
+    alphabet = string.ascii_letters + string.digits + string.punctuation + "    "
+    return ["".join(rng.choice(alphabet) for _ in range(chars))]
+
+
+def german_texts(max_chars: int) -> list[str]:
+    """German man pages of this machine (/usr/share/man/de), in path order; empty where there are none."""
+    texts, total = [], 0
+    for path in sorted(GERMAN_ROOT.rglob("*")) if GERMAN_ROOT.is_dir() else []:
+        text = _read_system_doc(path) if path.is_file() else None
+        if text:
+            texts.append(text[: max_chars - total])
+            total += len(texts[-1])
+        if total >= max_chars:
+            break
+    return texts
+
+
+def novel_texts(domain: str, max_chars: int) -> list[str]:
+    if domain == "random-chars":
+        return random_characters(max_chars, seed=1234)
+    if domain == "german":
+        return german_texts(max_chars)
+    return common.load_texts(domain, "validation", max_chars)
+
+
+def fitted_memory(pooled: torch.Tensor, transform: str, p: dict) -> ARTMemory:
+    memory = ARTMemory(
+        pooled.shape[1],
+        vigilance=p["vigilance"][transform],
+        max_categories=p["art"]["art_max_categories"],
+        input_transform=transform,
+        lift=p["lift"],
+        dtype=torch.float64,
+    )
+    memory.fit_input_transform(pooled.double())
+    memory.update(pooled.double())
+    return memory
+
+
+def seen_by_rule(memory: ARTMemory, pooled: torch.Tensor) -> torch.Tensor:
+    """What the memory's rule compares: the transformed rows (for the baseline on the same embeddings)."""
+    return memory._check_x(pooled.double())
+
+
 def run(preset: str, seeds: list[int], out: Path) -> dict:
     p = PRESETS[preset]
     header = common.start_run(NAME, preset, p, seeds)
@@ -110,14 +190,20 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
     reference = common.blocks_of(train_stream, p["block"])
     reference = reference[torch.randperm(len(reference), generator=torch.Generator().manual_seed(1234))]
     reference = reference[: p["train_reference_blocks"]]
-    test = {
-        domain: common.blocks_of(
-            common.token_stream(common.load_texts(domain, "validation", p["val_chars"]), tokenizer),
-            p["block"],
-            p["test_blocks"],
-        )
-        for domain in [p["domain_a"], *p["other_domains"]]
-    }
+    held_out = common.blocks_of(
+        common.token_stream(common.load_texts(p["domain_a"], "validation", p["val_chars"]), tokenizer),
+        p["block"],
+        p["calibration_blocks"] + p["test_blocks"],
+    )
+    calibration_blocks, in_domain = held_out[: p["calibration_blocks"]], held_out[p["calibration_blocks"] :]
+    test, skipped = {p["domain_a"]: in_domain}, {}
+    for domain in p["other_domains"]:
+        texts = novel_texts(domain, p["val_chars"])
+        if not texts:
+            skipped[domain] = f"no {domain} text on this machine ({GERMAN_ROOT} is empty or absent)"
+            continue
+        test[domain] = common.blocks_of(common.token_stream(texts, tokenizer), p["block"], p["test_blocks"])
+    novel_domains = [domain for domain in p["other_domains"] if domain in test]
 
     per_seed = []
     finished = common.FinishedRuns(out, header)
@@ -130,24 +216,33 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
         batches = common.BatchStream(train_stream, p["tokens_per_step"], seed)
         history = common.train_model(model, batches, p["block"], p["steps"], p["train"], desc=f"train A seed {seed}")
         ref = common.embeddings(model, reference, p["eval_batch"])
-        refit = ARTMemory(
-            model.config.n_embd,
-            rule=model.config.art_rule,
-            vigilance=model.config.art_vigilance,
-            max_categories=model.config.art_max_categories,
-        ).to(ref["pooled"].device)
-        refit.update(ref["pooled"].double().to(refit.weight.dtype))
-        scores = {}
+        memories = {t: fitted_memory(ref["pooled"], t, p) for t in TRANSFORMS}
+        calib = common.embeddings(model, calibration_blocks, p["eval_batch"], art=False)
+        combined_memory = memories["euclidean"]
+        calibration = combined_memory.calibrate(calib["pooled"].double(), fpr=p["fpr"], surprise=calib["loss"])
+        novelty_only = fitted_memory(ref["pooled"], "euclidean", p)
+        novelty_only.calibrate(calib["pooled"].double(), fpr=p["fpr"])
+        scores, flagged = {}, {}
         for domain, blocks in test.items():
             e = common.embeddings(model, blocks, p["eval_batch"])
-            scores[domain] = {
-                "art_novelty": e["art_novelty"],
-                "art_refit": refit.novelty(e["pooled"].to(refit.weight.dtype)).float(),
-                "nn_cosine": nn_cosine_distance(ref["pooled"], e["pooled"]),
-                "loss": e["loss"],
+            pooled = e["pooled"].double()
+            s = {"art_training": e["art_novelty"]}
+            for t, memory in memories.items():
+                s[f"art[{t}]"] = memory.novelty(pooled).float()
+                s[f"nn_cosine[{t}]"] = nn_cosine_distance(
+                    seen_by_rule(memory, ref["pooled"]), seen_by_rule(memory, pooled)
+                )
+            s["nn_l2"] = nn_l2_distance(ref["pooled"], pooled)
+            s["loss"] = e["loss"]
+            verdict = combined_memory.verdict(s["art[euclidean]"], e["loss"])
+            s["combined"] = verdict["score"].float()
+            scores[domain] = s
+            flagged[domain] = {
+                "combined": float(verdict["novel"].double().mean()),
+                "art[euclidean]": float(novelty_only.verdict(s["art[euclidean]"])["novel"].double().mean()),
             }
         metrics = {}
-        for domain in p["other_domains"]:
+        for domain in novel_domains:
             metrics[domain] = {
                 method: {
                     "auroc": common.auroc(scores[p["domain_a"]][method], scores[domain][method]),
@@ -162,7 +257,9 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
                 {
                     "seed": seed,
                     "art_categories": model.art_memory.num_categories,
-                    "art_refit_categories": refit.num_categories,
+                    "fitted_categories": {t: memory.num_categories for t, memory in memories.items()},
+                    "calibration": calibration,
+                    "flagged_at_calibrated_threshold": flagged,
                     "final_train_loss": history["train_loss"][-1],
                     "sec_per_step": history["sec_per_step"],
                     "metrics": metrics,
@@ -177,34 +274,44 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
             method: common.summarize([r["metrics"][domain][method] for r in per_seed], ("auroc", "fpr95"))
             for method in METHODS
         }
-        for domain in p["other_domains"]
+        for domain in novel_domains
     }
     return common.finish_run(
-        header, out, _plots, _report, vocab_size=len(tokenizer), per_seed=per_seed, summary=summary
+        header,
+        out,
+        _plots,
+        _report,
+        vocab_size=len(tokenizer),
+        per_seed=per_seed,
+        summary=summary,
+        skipped_domains=skipped,
     )
+
+
+ROC_METHODS = ("art[none]", "art[euclidean]", "nn_cosine[euclidean]", "loss", "combined")
 
 
 def _plots(result: dict, out: Path) -> None:
     plt = common.pyplot()
     p = result["config"]
-    domains = p["other_domains"]
+    domains = list(result["summary"])
     first = result["per_seed"][0]["scores"]
-    fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(domains), figsize=(5 * len(domains), 4.5), squeeze=False)
     for ax, domain in zip(axes[0], domains, strict=True):
-        for method in METHODS:
+        for method in ROC_METHODS:
             fpr, tpr = common.roc_curve(first[p["domain_a"]][method], first[domain][method])
             auc = result["summary"][domain][method]["auroc_mean"]
-            ax.plot(fpr, tpr, label=f"{method} (AUROC {auc:.3f})")
+            ax.plot(fpr, tpr, label=f"{method} ({auc:.3f})")
         ax.plot([0, 1], [0, 1], "k:", linewidth=1)
         ax.set(
-            xlabel=f"false-positive rate (share of held-out {p['domain_a']} flagged)",
-            ylabel=f"true-positive rate (share of {domain} flagged)",
-            title=f"{p['domain_a']} (in) vs {domain} (novel), seed {result['seeds'][0]}",
+            xlabel=f"false-positive rate (held-out {p['domain_a']} flagged)",
+            ylabel=f"true-positive rate ({domain} flagged)",
+            title=f"{domain} vs {p['domain_a']}, seed {result['seeds'][0]}",
         )
-        common.finish_axes(ax, loc="lower right")
+        common.finish_axes(ax, loc="lower right", fontsize=7)
     common.save_figure(fig, out / "roc.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(2, 1, figsize=(max(10, 1.2 * len(METHODS)), 8))
     width = 0.8 / len(domains)
     for i, domain in enumerate(domains):
         s = result["summary"][domain]
@@ -218,9 +325,9 @@ def _plots(result: dict, out: Path) -> None:
                 label=domain,
             )
     for ax, label in zip(axes, ("AUROC (1 = perfect, 0.5 = chance)", "FPR at 95% TPR (0 = perfect)"), strict=True):
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METHODS))], METHODS)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(METHODS))], METHODS, rotation=20, fontsize=8)
         ax.set(ylabel=label, ylim=(0, 1.05))
-        common.finish_axes(ax, grid_axis="y")
+        common.finish_axes(ax, grid_axis="y", fontsize=8)
     common.save_figure(
         fig, out / "metrics.png", f"Novelty detection, mean ± 1 s.d. over {len(result['seeds'])} seed(s)"
     )
@@ -239,21 +346,35 @@ def _report(result: dict, out: Path) -> None:
                     common.fmt(v["fpr95_mean"], v["fpr95_std"]),
                 ]
             )
-    table = common.markdown_table(["novel domain", "score", "AUROC", "FPR@95%TPR"], rows)
+    table = common.markdown_table(["novel set", "score", "AUROC", "FPR@95%TPR"], rows)
+    flagged_rows = []
+    for domain in [p["domain_a"], *result["summary"]]:
+        cells = [domain + (" (in-domain: false alarms)" if domain == p["domain_a"] else "")]
+        for method in ("combined", "art[euclidean]"):
+            values = [r["flagged_at_calibrated_threshold"][domain][method] for r in result["per_seed"]]
+            cells.append(common.fmt(*common.mean_std(values), digits=2))
+        flagged_rows.append(cells)
+    flagged = common.markdown_table(["held-out set", "flagged: combined", "flagged: art[euclidean]"], flagged_rows)
     cats = [r["art_categories"] for r in result["per_seed"]]
+    fitted = {t: [r["fitted_categories"][t] for r in result["per_seed"]] for t in TRANSFORMS}
     best = {
         domain: max(methods, key=lambda m: methods[m]["auroc_mean"]) for domain, methods in result["summary"].items()
     }
+    skipped = result.get("skipped_domains") or {}
     common.experiment_report(
         out,
         "Novelty detection: ART memory vs baselines",
         result,
         [
-            f"Trained on `{p['domain_a']}` for {p['steps']} steps x {p['tokens_per_step']} tokens; "
-            f"held-out blocks of {p['block']} tokens, {p['test_blocks']} per domain; ART vigilance "
-            f"{p['art']['art_vigilance']}, categories after training: {cats}.",
-            "## Detection (mean ± s.d. over seeds; novel domain = positive class)\n\n" + table,
-            "## Reading\n\nBest score per novel domain: "
+            f"Trained on `{p['domain_a']}` for {p['steps']} steps x {p['tokens_per_step']} tokens; held-out blocks of "
+            f"{p['block']} tokens, {p['test_blocks']} per set ({p['calibration_blocks']} more held-out "
+            f"`{p['domain_a']}` blocks calibrate the verdict at {p['fpr']:.0%} false positives). Categories: learned "
+            f"during training (vigilance {p['art']['art_vigilance']}, capacity {p['art']['art_max_categories']}) "
+            f"{cats}; fitted to the final model per transform (vigilance {p['vigilance']}) {fitted}."
+            + (f" Left out: {skipped}." if skipped else ""),
+            "## Detection (mean ± s.d. over seeds; novel set = positive class)\n\n" + table,
+            "## The calibrated verdict (share of each held-out set called novel at the 5% threshold)\n\n" + flagged,
+            "## Reading\n\nBest score per novel set: "
             + ", ".join(f"{d}: `{m}`" for d, m in best.items())
             + ". ART wins only where its row beats both baselines.",
             "![roc](roc.png)\n\n![metrics](metrics.png)",
