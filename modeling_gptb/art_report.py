@@ -210,7 +210,8 @@ def format_art_report(report: dict, texts: str = "the given texts") -> str:
     else:
         lines.append("  not calibrated: run calibrate_art_memory(model, held_out_ids) for a verdict you can trust")
     if report["texts"]:
-        lines.append(f"  {texts}: the verdict (novelty = 1 - similarity to the nearest category) and that category")
+        what = "each text, its verdict with novelty (1 - similarity to the nearest category), that category"
+        lines.append(f"  {texts}: {what}")
     for item in report["texts"]:
         lines.append(f"  {item['text']!r}")
         where = "" if item.get("percentile") is None else f", {_ordinal(item['percentile'])} percentile"

@@ -95,7 +95,8 @@ def test_the_scored_texts_have_a_header_saying_what_they_are(trained):
     lines = format_art_report(report, texts="2 held-out evaluation texts").splitlines()
     header = next(i for i, line in enumerate(lines) if "2 held-out evaluation texts" in line)
     assert "novelty (1 - similarity to the nearest category)" in lines[header]
-    assert [line.strip().startswith("novelty ") for line in lines[header + 1 :]] == [True, True]
+    assert lines[header + 1] == "  'w1 w2 w3 w4'" and "(novelty " in lines[header + 2], lines
+    assert "  'w50 w7'" in lines[header + 3 :]
     assert "the given texts:" in format_art_report(report)  # `gptb art-report --text ...`
 
 
