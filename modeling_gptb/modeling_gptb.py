@@ -1055,7 +1055,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
 
             path = locate(ART_MEMORY_FILE)
             if path is not None:
-                model.art_memory.load_file(path, locate_weights=locate)
+                model.art_memory.load_file(path, locate_weights=locate, weights_variant=kwargs.get("variant"))
         loaded = (model, info) if want_info else model
         return loaded
 
