@@ -126,6 +126,10 @@ class GPTBCache:
     is_linear = [False]
 
     def __init__(self, state: torch.Tensor, seq_length: int):
+        if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 0:
+            raise ValueError(
+                f"GPTBCache seq_length must be an int >= 0 (the positions the state has consumed), got {seq_length!r}"
+            )
         self.state = state
         self.seq_length = seq_length
 

@@ -119,6 +119,7 @@ POSITIVE_INTS = (
 OPTIONAL_POSITIVE_INTS = ("max_chars", "num_threads", "stop_after_step")
 NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens")
 MIN_TOKENIZER_VOCAB = 258  # 256 bytes + 2 special tokens
+TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")  # token_config_kwargs' fields
 CONFIG_FIELDS = sorted(set(inspect.signature(GPTBConfig.__init__).parameters) - {"self", "kwargs"})
 
 
@@ -151,6 +152,12 @@ def check_args(args: TrainArgs):
             refuse(name, f"a finite number {floor}")
     if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
         refuse("peak_tflops", "a finite number > 0")
+    from_tokenizer = sorted(set(args.overrides) & set(TOKENIZER_FIELDS))
+    if from_tokenizer:  # the run sets them from the tokenizer; a --set would be silently replaced
+        raise TrainingError(
+            f"--set {', '.join(from_tokenizer)}: the run takes these from the tokenizer; choose the vocabulary with "
+            "--tokenizer_vocab_size N (a tokenizer trained on the data) or --tokenizer"
+        )
     unknown = sorted(set(args.overrides) - set(CONFIG_FIELDS))
     if unknown:
         known = ", ".join(CONFIG_FIELDS)
@@ -567,6 +574,12 @@ def run_training(args: TrainArgs, fields: dict, output: Path, accelerator: Accel
     set_seed(args.seed)
     peak = peak_flops(accelerator.device, args.peak_tflops)  # for MFU in the log; checks --peak_tflops
     log = accelerator.print
+    if args.warmup_steps > args.max_steps:  # a recipe's warmup with a short --max_steps: say what the schedule does
+        log(
+            f"Warning: --warmup_steps {args.warmup_steps} exceeds --max_steps {args.max_steps}: the learning rate "
+            f"rises for the whole run and ends at {args.learning_rate * args.max_steps / args.warmup_steps:.3g}, "
+            f"never reaching --learning_rate {args.learning_rate:g}"
+        )
 
     train_texts, eval_texts, data_source = load_texts(args)
     record["data"] = {"sha256": texts_digest(train_texts + eval_texts)}

@@ -164,6 +164,8 @@ def test_a_missing_or_damaged_rng_file_is_an_error_unless_allowed(tmp_path, caps
         (["--weight_decay", "inf"], "--weight_decay must be a finite number >= 0, got inf"),
         (["--max_grad_norm", "inf"], "--max_grad_norm must be a finite number > 0, got inf"),
         (["--peak_tflops", "inf"], "--peak_tflops must be a finite number > 0, got inf"),
+        (["--set", "vocab_size=100"], "--set vocab_size: the run takes these from the tokenizer"),  # item 12
+        (["--set", "pad_token_id=3"], "--set pad_token_id: the run takes these from the tokenizer"),
         (["--tokenizer_vocab_size", "100"], "--tokenizer_vocab_size must be an integer >= 258"),
         (["--set", "frobnicate=3"], "--set: unknown model config field(s) frobnicate; known: "),
         (["--set", "art_vigilance=2"], "GPTBConfig.art_vigilance must be a number in [0, 1], got 2"),
@@ -356,3 +358,14 @@ def test_a_file_size_limit_while_checkpointing_is_one_line_and_leaves_no_partial
     assert not list((output / "checkpoints").glob(".step-*"))  # the partial checkpoint is gone
     assert train(output) == 0  # with the limit lifted, the run starts over in the same folder
     assert_same_model(output, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 21 item 12: a warmup longer than the run is said
+
+
+def test_a_warmup_longer_than_the_run_is_said(tmp_path, capsys):
+    assert train(tmp_path / "out", "--max_steps", "2", "--warmup_steps", "100000") == 0
+    out = capsys.readouterr().out
+    assert "Warning: --warmup_steps 100000 exceeds --max_steps 2: the learning rate rises for the whole run" in out
+    assert "ends at 6e-08, never reaching --learning_rate 0.003" in out
