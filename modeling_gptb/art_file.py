@@ -103,7 +103,14 @@ def _parse_weights_sha256(value: str) -> dict[str, str]:
     names = json.loads(value)
     if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
         raise ValueError("expected a JSON object of file name -> sha256")
+    for name in names:  # a path would make the loader read (and hash) a file outside the model's folder
+        if os.path.basename(name) != name or "\\" in name or not name.endswith(".safetensors"):
+            raise ValueError(f"{name!r} is not the name of a .safetensors weights file in the model's folder")
     return names
+
+
+class UnpairedARTFileWarning(UserWarning):
+    """An ART file that names no weights (saved by `ARTMemory.save_pretrained` alone) loaded beside a model's."""
 
 
 _METADATA_FIELDS = {
@@ -250,27 +257,48 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def saved_weights_sha256(folder: str | os.PathLike, variant: str | None = None) -> dict[str, str]:
-    """sha256 of each weights file a load of `folder` reads, picked as transformers picks them: `model.safetensors`,
-    else the shards its `model.safetensors.index.json` names (with `variant` in the names, as transformers puts it)."""
+def weights_files(locate, variant: str | None = None) -> list[str]:
+    """The weights files a load reads (`locate(name)` gives a file's path, or None), picked as transformers picks
+    them: `model.safetensors`, else the shards its `model.safetensors.index.json` names (with `variant` in the names,
+    as transformers puts it)."""
 
     def name(base: str) -> str:
         return base.replace(".safetensors", f".{variant}.safetensors") if variant else base
 
-    files = [name("model.safetensors")]
-    if not os.path.isfile(os.path.join(folder, files[0])):
-        index = os.path.join(folder, name("model.safetensors.index.json"))
-        if not os.path.isfile(index):
-            return {}
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    return {file: file_sha256(os.path.join(folder, file)) for file in files}
+    if locate(name("model.safetensors")) is not None:
+        return [name("model.safetensors")]
+    index = locate(name("model.safetensors.index.json"))
+    if index is None:
+        return []
+    with open(index, encoding="utf-8") as f:
+        return sorted(set(json.load(f)["weight_map"].values()))
 
 
-def check_weights_sha256(art_path: str, weights_sha256: dict[str, str] | None, locate) -> None:
-    """Raise `ValueError` unless each weights file the ART file at `art_path` names is there (`locate(name)` gives
-    its path, or None) with the recorded sha256."""
-    for name, expected in (weights_sha256 or {}).items():
+def saved_weights_sha256(folder: str | os.PathLike, variant: str | None = None) -> dict[str, str]:
+    """sha256 of each weights file a load of `folder` reads (see `weights_files`)."""
+
+    def locate(name: str) -> str | None:
+        path = os.path.join(folder, name)
+        return path if os.path.isfile(path) else None
+
+    return {file: file_sha256(os.path.join(folder, file)) for file in weights_files(locate, variant)}
+
+
+def check_weights_sha256(
+    art_path: str, weights_sha256: dict[str, str] | None, locate, variant: str | None = None
+) -> bool:
+    """Raise `ValueError` unless the ART file at `art_path` names every weights file this load reads and each file it
+    names is there (`locate(name)` gives its path, or None) with the recorded sha256. False for an ART file that names
+    no weights (not paired: nothing to check)."""
+    if weights_sha256 is None:
+        return False
+    unchecked = [name for name in weights_files(locate, variant) if name not in weights_sha256]
+    if unchecked:
+        raise ValueError(
+            f"{art_path} was saved with {', '.join(sorted(weights_sha256))}, not with {', '.join(unchecked)}, which "
+            "this load reads: it belongs to other weights; save the model again"
+        )
+    for name, expected in weights_sha256.items():
         path = locate(name)
         if path is None:
             raise ValueError(f"{art_path} was saved with {name}, which is missing beside it")
@@ -280,3 +308,4 @@ def check_weights_sha256(art_path: str, weights_sha256: dict[str, str] | None, l
                 f"{file_sha256(path)[:12]}... found): a save was interrupted between the two files, or one was "
                 "replaced; save the model again"
             )
+    return True

@@ -39,6 +39,7 @@ from .art_file import (
     ART_MEMORY_FILE,
     NOVELTY_BINS,
     NOVELTY_RANGE,
+    UnpairedARTFileWarning,
     _atomic_write,
     check_weights_sha256,
     encode_art_file,
@@ -1068,18 +1069,29 @@ class ARTMemory(nn.Module):
         return memory
 
     @_serialised
-    def load_file(self, path: str | os.PathLike, locate_weights=None) -> "ARTMemory":
+    def load_file(
+        self, path: str | os.PathLike, locate_weights=None, weights_variant: str | None = None
+    ) -> "ARTMemory":
         """
         Replace this memory's state with the one stored in `path`.
 
         The file must be intact and match this memory's rule, dim, vigilance, beta and alpha, and its categories must
         fit in `max_categories` (which may differ); otherwise `ValueError` and the memory is unchanged. With
         `locate_weights` (a weights file name -> its path, or None), the weights files the ART file was saved with
-        must be there unchanged (see `save_pretrained`'s `weights_sha256`).
+        must be there unchanged and include every weights file the load reads (see `save_pretrained`'s
+        `weights_sha256`); an ART file that names no weights then loads with an `UnpairedARTFileWarning`.
         """
         config, tensors = load_art_file(path)
         if locate_weights is not None:
-            check_weights_sha256(os.fspath(path), config["weights_sha256"], locate_weights)
+            paired = check_weights_sha256(os.fspath(path), config["weights_sha256"], locate_weights, weights_variant)
+            if not paired:
+                warnings.warn(
+                    f"{os.fspath(path)} names no weights (ARTMemory.save_pretrained wrote it on its own, not "
+                    "model.save_pretrained), so nothing shows it belongs to the weights beside it; save the model "
+                    "with model.save_pretrained to pair the two",
+                    UnpairedARTFileWarning,
+                    stacklevel=2,
+                )
         mismatched = [
             f"{key} is {config[key]!r} in the file but {mine!r} here"
             for key, mine in (
@@ -1182,6 +1194,7 @@ __all__ = [
     "ARTOutput",
     "ARTRule",
     "ARTStatus",
+    "UnpairedARTFileWarning",
     "CosineRule",
     "FuzzyRule",
     "load_art_file",

@@ -2,6 +2,7 @@
 parser and the dispatch are in `gptb_cli`, which imports no torch, so `gptb --help` is quick."""
 
 import sys
+import warnings
 from pathlib import Path
 
 from gptb_cli import build_parser, main  # noqa: F401  (`python -m modeling_gptb.cli`, and callers of cli.main)
@@ -21,6 +22,7 @@ def load_folder(folder: str, tokenizer_source: str | None = None):
     from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
+    from .art_file import UnpairedARTFileWarning
     from .model_folder import check_model_folder
     from .modeling_gptb import GPTBLMHeadModel
 
@@ -32,10 +34,17 @@ def load_folder(folder: str, tokenizer_source: str | None = None):
         )
     transformers_logging.disable_progress_bar()  # no "Loading weights" bar on every command
     try:
-        model, info = GPTBLMHeadModel.from_pretrained(path, output_loading_info=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnpairedARTFileWarning)
+            model, info = GPTBLMHeadModel.from_pretrained(path, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source or path, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as error:
         raise CLIError(f"could not load the model in {folder}: {error}") from error
+    for warning in caught:  # ours as one line; any other as Python shows it
+        if issubclass(warning.category, UnpairedARTFileWarning):
+            print(f"gptb: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     problems = {kind: sorted(info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(problems.values()):
         details = "; ".join(f"{kind.replace('_', ' ')} {keys[:3]}" for kind, keys in problems.items() if keys)

@@ -147,6 +147,10 @@ class GPTBCache:
         pending_mask: torch.Tensor | None = None,
         keys_values: list | None = None,
     ):
+        if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 0:
+            raise ValueError(
+                f"GPTBCache seq_length must be an int >= 0 (the positions the state has consumed), got {seq_length!r}"
+            )
         self.state = state
         self.seq_length = seq_length
         # segment steps: the token embeddings of the current partial segment (B, P, D), which the next call completes,
@@ -1094,7 +1098,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
 
             path = locate(ART_MEMORY_FILE)
             if path is not None:
-                model.art_memory.load_file(path, locate_weights=locate)
+                model.art_memory.load_file(path, locate_weights=locate, weights_variant=kwargs.get("variant"))
         loaded = (model, info) if want_info else model
         return loaded
 

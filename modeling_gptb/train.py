@@ -10,6 +10,7 @@ continues from the latest one. At the end `OUTPUT_DIR` holds a Hub-ready model f
 """
 
 import argparse
+import errno
 import hashlib
 import inspect
 import json
@@ -18,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -79,6 +81,7 @@ POSITIVE_INTS = (
 OPTIONAL_POSITIVE_INTS = ("max_chars", "num_threads", "stop_after_step")
 NON_NEGATIVE_INTS = ("warmup_steps", "sample_tokens")
 MIN_TOKENIZER_VOCAB = 258  # 256 bytes + 2 special tokens
+TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")  # token_config_kwargs' fields
 CONFIG_FIELDS = sorted(set(inspect.signature(GPTBConfig.__init__).parameters) - {"self", "kwargs"})
 
 
@@ -111,6 +114,12 @@ def check_args(args: TrainArgs):
             refuse(name, f"a finite number {floor}")
     if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
         refuse("peak_tflops", "a finite number > 0")
+    from_tokenizer = sorted(set(args.overrides) & set(TOKENIZER_FIELDS))
+    if from_tokenizer:  # the run sets them from the tokenizer; a --set would be silently replaced
+        raise TrainingError(
+            f"--set {', '.join(from_tokenizer)}: the run takes these from the tokenizer; choose the vocabulary with "
+            "--tokenizer_vocab_size N (a tokenizer trained on the data) or --tokenizer"
+        )
     unknown = sorted(set(args.overrides) - set(CONFIG_FIELDS))
     if unknown:
         known = ", ".join(CONFIG_FIELDS)
@@ -329,6 +338,50 @@ def check_random_states(args: TrainArgs, checkpoint: Path, process_index: int):
         print(f"Warning: {path} {problem}; resuming without the exact random-number states", file=sys.stderr)
 
 
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_SPACE_WORDS = (
+    "No space left",
+    "Disk quota exceeded",
+    "File too large",
+    "os error 28",
+    "os error 122",
+    "os error 27",
+)
+LOW_DISK_BYTES = 16 * 2**20  # torch's writer drops the errno ("unexpected pos"): then a disk this full is the cause
+
+
+def out_of_space(error: BaseException, folder: Path) -> bool:
+    if isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS:
+        return True
+    if any(words in str(error) for words in NO_SPACE_WORDS):  # safetensors' and torch's errors carry them as text
+        return True
+    try:
+        return shutil.disk_usage(folder).free < LOW_DISK_BYTES
+    except OSError:
+        return False
+
+
+@contextmanager
+def writing(staging: Path, what: str):
+    """Write `what` into `staging`: on a full disk, remove the partial folder and stop with one line (exit 2); the
+    folder's last complete checkpoint stays, so the run continues with --resume once there is room."""
+    try:
+        yield
+    except Exception as error:
+        if not out_of_space(error, staging.parent):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        folder, disk = staging.parent, staging.parent.resolve()
+        while not disk.is_mount():
+            disk = disk.parent
+        free = shutil.disk_usage(folder).free
+        raise TrainingError(
+            f"no space left on the disk mounted at {disk} ({free:,} bytes free, or a quota or file-size limit was "
+            f"reached) while writing {what} in {folder}: {one_line(error)}. Free some space, then continue with "
+            "--resume"
+        ) from error
+
+
 def save_checkpoint(accelerator: Accelerator, output: Path, step: int, history: dict, record: dict, keep: int = 2):
     final = output / CHECKPOINTS / f"step-{step}"
     staging = staging_folder(final)
@@ -336,14 +389,16 @@ def save_checkpoint(accelerator: Accelerator, output: Path, step: int, history: 
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    with writing(staging, f"checkpoint step-{step}"):
+        accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()  # every rank's RNG file is written before the main process moves the folder
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(accelerator._models[0])
-        if model.art_memory is not None:
-            model.art_memory.save_pretrained(staging)
-        state = {"step": step, "history": history, "run": record, "run_id": run_id(record)}
-        (staging / STATE_FILE).write_text(json.dumps(state))
+        with writing(staging, f"checkpoint step-{step}"):
+            if model.art_memory is not None:
+                model.art_memory.save_pretrained(staging)
+            state = {"step": step, "history": history, "run": record, "run_id": run_id(record)}
+            (staging / STATE_FILE).write_text(json.dumps(state))
         publish_checkpoint(staging, final, keep)
     accelerator.wait_for_everyone()
 
@@ -481,6 +536,12 @@ def run_training(args: TrainArgs, fields: dict, output: Path, accelerator: Accel
     set_seed(args.seed)
     peak = peak_flops(accelerator.device, args.peak_tflops)  # for MFU in the log; checks --peak_tflops
     log = accelerator.print
+    if args.warmup_steps > args.max_steps:  # a recipe's warmup with a short --max_steps: say what the schedule does
+        log(
+            f"Warning: --warmup_steps {args.warmup_steps} exceeds --max_steps {args.max_steps}: the learning rate "
+            f"rises for the whole run and ends at {args.learning_rate * args.max_steps / args.warmup_steps:.3g}, "
+            f"never reaching --learning_rate {args.learning_rate:g}"
+        )
 
     train_texts, eval_texts, data_source = load_texts(args)
     record["data"] = {"sha256": texts_digest(train_texts + eval_texts)}
@@ -673,8 +734,6 @@ def saved_generation_config(tokenizer) -> GenerationConfig:
 
 def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_texts: list[str]):
     from .art_report import art_report, format_art_report
-    from .model_card import render_model_card
-    from .plots import plot_training
 
     model.eval()
     print(f"\nEval loss {result['eval_loss']:.4f} nats/token, perplexity {result['eval_perplexity']:.2f}")
@@ -698,6 +757,18 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
     staging = output / INCOMING
     if staging.exists():
         shutil.rmtree(staging)
+    with writing(staging, "the final model"):
+        write_model_folder(model, tokenizer, args, result, report, staging)
+    crash_point("final-write")
+    publish_model(staging, output)
+    print(f"Saved a Hub-ready model to {output} (plot: {output / 'training_curves.png'})")
+
+
+def write_model_folder(model, tokenizer, args: TrainArgs, result: dict, report: dict, staging: Path):
+    """The complete Hub-ready folder, written to `staging` (`.incoming`)."""
+    from .model_card import render_model_card
+    from .plots import plot_training
+
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     card = render_model_card(
@@ -716,9 +787,6 @@ def finish(model, tokenizer, args: TrainArgs, output: Path, result: dict, eval_t
     card.save(staging / "README.md")
     (staging / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
     plot_training(result["history"], staging / "training_curves.png")
-    crash_point("final-write")
-    publish_model(staging, output)
-    print(f"Saved a Hub-ready model to {output} (plot: {output / 'training_curves.png'})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -348,3 +348,59 @@ def test_updates_from_two_threads_lose_nothing():
     assert len(stored) == 400
     copy = deepcopy(memory)  # the lock does not stop a copy (or a pickle) of the memory
     assert torch.equal(copy.prototypes, memory.prototypes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 21 item 11: weights_sha256 names files in the model's folder, including the weights a load reads
+
+
+def art_file_naming(memory: ARTMemory, weights_sha256: dict) -> bytes:
+    """The memory's file as save_pretrained writes it, naming `weights_sha256` (a valid checksum: not damage)."""
+    return memory._to_bytes(weights_sha256)
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../other/config.json", "sub/model.safetensors", "config.json"])
+def test_weights_sha256_naming_a_path_or_a_non_weights_file_is_refused(tmp_path, name):
+    from modeling_gptb import GPTBLMHeadModel
+
+    folder = tmp_path / "model"
+    model = trained_gptb()
+    model.save_pretrained(folder)
+    (folder / ART_MEMORY_FILE).write_bytes(art_file_naming(model.art_memory, {name: "0" * 64}))
+    with pytest.raises(ValueError, match=f"bad metadata weights_sha256=.*{name!r} is not the name of a .safetensors"):
+        load_art_file(folder / ART_MEMORY_FILE)
+    with pytest.raises(ValueError, match="is not the name of a .safetensors weights file in the model's folder"):
+        GPTBLMHeadModel.from_pretrained(folder)
+
+
+def test_an_art_file_that_does_not_name_the_weights_the_load_reads_is_refused(tmp_path):
+    import hashlib
+
+    from modeling_gptb import GPTBLMHeadModel
+
+    folder = tmp_path / "model"
+    model = trained_gptb()
+    model.save_pretrained(folder)
+    decoy = folder / "decoy.safetensors"  # present, with the recorded hash: model.safetensors itself was never checked
+    decoy.write_bytes(b"decoy")
+    names = {"decoy.safetensors": hashlib.sha256(b"decoy").hexdigest()}
+    (folder / ART_MEMORY_FILE).write_bytes(art_file_naming(model.art_memory, names))
+    with pytest.raises(ValueError, match="saved with decoy.safetensors, not with model.safetensors, which this load"):
+        GPTBLMHeadModel.from_pretrained(folder)
+
+
+def test_an_unpaired_art_file_beside_weights_loads_with_a_warning(tmp_path, capsys):
+    from test_cli import save_model_folder
+
+    from modeling_gptb import GPTBLMHeadModel, cli
+    from modeling_gptb.art_memory import UnpairedARTFileWarning
+
+    folder = save_model_folder(tmp_path / "model")  # with a byte tokenizer, for the CLI
+    memory = GPTBLMHeadModel.from_pretrained(folder).art_memory
+    memory.save_pretrained(folder)  # on its own: names no weights
+    with pytest.warns(UnpairedARTFileWarning, match="names no weights .* save the model with model.save_pretrained"):
+        loaded = GPTBLMHeadModel.from_pretrained(folder)
+    assert torch.equal(loaded.art_memory.prototypes, memory.prototypes)
+    assert cli.main(["art-report", str(folder)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("gptb: warning:") == 1 and "names no weights" in err

@@ -215,3 +215,9 @@ def test_the_compiled_forward_is_one_graph_and_still_checks_ids():
     with pytest.raises((RuntimeError, ValueError), match=r"`input_ids` holds values outside \[0, 61\)"):
         compiled(torch.tensor([[1, 70]]))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("seq_length", [-5, 2.5, True, None])
+def test_a_cache_with_a_negative_or_non_integer_length_is_refused(seq_length):  # issue 21 item 12
+    with pytest.raises(ValueError, match=r"GPTBCache seq_length must be an int >= 0 .* got "):
+        GPTBCache(torch.zeros(2, 3, 32), seq_length)

@@ -164,6 +164,8 @@ def test_a_missing_or_damaged_rng_file_is_an_error_unless_allowed(tmp_path, caps
         (["--weight_decay", "inf"], "--weight_decay must be a finite number >= 0, got inf"),
         (["--max_grad_norm", "inf"], "--max_grad_norm must be a finite number > 0, got inf"),
         (["--peak_tflops", "inf"], "--peak_tflops must be a finite number > 0, got inf"),
+        (["--set", "vocab_size=100"], "--set vocab_size: the run takes these from the tokenizer"),  # item 12
+        (["--set", "pad_token_id=3"], "--set pad_token_id: the run takes these from the tokenizer"),
         (["--tokenizer_vocab_size", "100"], "--tokenizer_vocab_size must be an integer >= 258"),
         (["--set", "frobnicate=3"], "--set: unknown model config field(s) frobnicate; known: "),
         (["--set", "art_vigilance=2"], "GPTBConfig.art_vigilance must be a number in [0, 1], got 2"),
@@ -295,3 +297,75 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_runs_lock_is_take
     assert (killed / LOCK_FILE).is_file()
     assert train(killed, "--resume") == 0
     assert not (killed / LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 21 item 10: a full disk while checkpointing is one line, exit 2, and the folder stays resumable
+
+FILL_DISK = """
+set -e
+mount -t tmpfs -o size={size} tmpfs {mount}
+status=0
+"$@" --output_dir {mount}/out > {log}.out 2> {log}.err || status=$?
+echo $status > {log}.rc
+mount -o remount,size=64m {mount}  # room again
+"$@" --output_dir {mount}/out --resume > /dev/null 2>&1
+cp -r {mount}/out {copy}
+"""
+
+
+def user_namespaces_work() -> bool:
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size, writer", [("2000k", "SafetensorError"), ("2300k", "inline_container")])
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(tmp_path, reference, size, writer):
+    """A real full disk: a small tmpfs (mounted in a user namespace), full while step-6 is written after step-2 and
+    step-4; then the same tmpfs made larger, and --resume."""
+    if shutil.which("unshare") is None or not user_namespaces_work():
+        pytest.skip("this kernel refuses unprivileged user namespaces, so no tmpfs can be mounted without root")
+    mount, log, copy = tmp_path / "disk", tmp_path / "first", tmp_path / "out"
+    mount.mkdir()
+    script = FILL_DISK.format(size=size, mount=mount, log=log, copy=copy)
+    command = ["unshare", "-rm", "sh", "-c", script, "sh", sys.executable, "-m", "modeling_gptb.train", *RUN]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(f"{log}.rc").read_text().strip() == "2"
+    errors = [line for line in Path(f"{log}.err").read_text().splitlines() if "gptb train: error" in line]
+    assert len(errors) == 1 and "Traceback" not in Path(f"{log}.err").read_text()
+    line = errors[0][errors[0].index("gptb train: error") :]
+    assert f"no space left on the disk mounted at {mount}" in line and "while writing checkpoint step-6" in line
+    assert f"in {mount}/out/checkpoints" in line and writer in line and "continue with --resume" in line
+    assert_same_model(copy, reference)  # resumed from step-4, bit for bit
+
+
+def test_a_file_size_limit_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, reference):
+    """The same failure where no tmpfs can be mounted: writes past RLIMIT_FSIZE fail with EFBIG, as on a full disk."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # below model.safetensors' 325 kB
+
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "modeling_gptb.train", "--output_dir", str(output), *RUN]
+    first = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert first.returncode == 2 and "Traceback" not in first.stderr, first.stderr[-2000:]
+    errors = [line for line in first.stderr.splitlines() if "gptb train: error" in line]  # the rest is tqdm's bar
+    assert len(errors) == 1 and "while writing checkpoint step-2" in errors[0] and "os error 27" in errors[0]
+    assert not list((output / "checkpoints").glob(".step-*"))  # the partial checkpoint is gone
+    assert train(output) == 0  # with the limit lifted, the run starts over in the same folder
+    assert_same_model(output, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 21 item 12: a warmup longer than the run is said
+
+
+def test_a_warmup_longer_than_the_run_is_said(tmp_path, capsys):
+    assert train(tmp_path / "out", "--max_steps", "2", "--warmup_steps", "100000") == 0
+    out = capsys.readouterr().out
+    assert "Warning: --warmup_steps 100000 exceeds --max_steps 2: the learning rate rises for the whole run" in out
+    assert "ends at 6e-08, never reaching --learning_rate 0.003" in out
