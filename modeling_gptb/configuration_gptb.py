@@ -49,7 +49,7 @@ class GPTBConfig(PretrainedConfig):
             Bidirectional attention inside the window, so the state can read the new token. `False` keeps GPT-2's
             causal mask: the token sits last, so the state can then never read the input (a fidelity control only).
         state_update (`str`, defaults to `"replace"`):
-            How a step makes the next state from the window's output at the state slots: `"replace"` (the seed's
+            How a step makes the next state from the window's output at the state slots: `"replace"` (the original
             step: the output is the next state), `"gated"` (a learned read scale and a selective retain gate),
             `"residual"` (read scale, retain amplitude and an additive write from the token position's output; an
             experiment), `"selective"` (the `"residual"` write let in per slot by a gate that reads the input
@@ -62,11 +62,11 @@ class GPTBConfig(PretrainedConfig):
             large negative value starts with the gate closed).
         state_retain_init (`float`, defaults to 0.0):
             `"gated"`, `"residual"`, `"selective"` and `"addressed"`: initial retain amplitude; 0 starts exactly as
-            the seed's step (a GPT-2 warm start runs unchanged), 1 starts as a retain gate (`"residual"`: as
+            the original step (a GPT-2 warm start runs unchanged), 1 starts as a retain gate (`"residual"`: as
             S' = S + write, `"selective"` and `"addressed"`: as S' = S + z * write).
         state_read_scale_init (`float`, defaults to 1.0):
             `"gated"`, `"residual"`, `"selective"` and `"addressed"`: initial scale of the state as it enters the
-            window; 1 is the seed's step, a small value (0.02) lets each token's write count against a state of norm
+            window; 1 is the original step, a small value (0.02) lets each token's write count against a state of norm
             sqrt(n_embd).
         segment_length (`int`, defaults to 1):
             K, the tokens a step reads. 1: the one-token step over the window `[state; token]` (M + 1 positions).

@@ -338,7 +338,7 @@ class GPTBPreTrainedModel(PreTrainedModel):
             for block in module.h:
                 init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
                 init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
-        # Every variant starts as the seed's step at the defaults: s = 1, a = 0 and a zero write.
+        # Every variant starts as the original step (`replace`) at the defaults: s = 1, a = 0 and a zero write.
         if isinstance(module, StateUpdate):
             init.constant_(module.read_scale, self.config.state_read_scale_init)
             init.constant_(module.retain, self.config.state_retain_init)

@@ -168,3 +168,36 @@ def test_the_remote_code_files_point_to_the_design_document(module):
     classes = [obj for obj in vars(imported).values() if isinstance(obj, type) and obj.__module__ == module]
     documented = imported.__doc__ + "".join(cls.__doc__ or "" for cls in classes)
     assert "docs/design.md#" in documented
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 20 item 5: the README is a user's page; the long tables live in docs/, everything inside the repository
+
+
+def user_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_the_readme_links_the_results_speed_and_gpu_pages():
+    links = set(markdown_links((ROOT / "README.md").read_text()))
+    assert {"docs/results.md", "docs/speed.md", "docs/gpu.md"} <= links
+
+
+def test_the_user_pages_speak_without_issue_numbers_or_the_seeds_update():
+    # "the seed's update" reads as random seeds: the pages say "the original step" / `replace`.
+    wrong = []
+    for page in user_pages():
+        text = page.read_text()
+        wrong += [f"{page.name}: {m.group(0)!r}" for m in re.finditer(r"\bissue \d+|\bseed's (?:update|step)", text)]
+    assert not wrong, wrong
+
+
+def test_nothing_points_outside_the_repository_for_the_gpu_recipe():
+    shared = "../" + "shared/"  # spelled so that this file does not match
+    outside = []
+    for path in repository_files():
+        text = text_of(path)
+        if text is not None and path.suffix in (".md", ".sh", ".py") and shared in text:
+            outside.append(str(path.relative_to(ROOT)))
+    assert not outside, f"files that point at {shared}, which a clone does not have: {outside}"
+    assert (ROOT / "modeling_gptb" / "benchmarks" / "fetch_wheels.sh").is_file()

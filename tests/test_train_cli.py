@@ -71,6 +71,7 @@ def test_output_is_a_hub_ready_folder(trained):
 
 
 @pytest.mark.smoke
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")  # the default is what is tested
 def test_the_saved_generation_config_leaves_length_and_sampling_to_the_caller(trained):
     # Issue 20 item 2: a saved max_new_tokens=100 beat generate(max_length=12), and a saved do_sample/top_k made a
     # plain generate() sample. The folder keeps the special tokens only, so transformers' defaults apply.

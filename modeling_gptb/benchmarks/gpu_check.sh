@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 10's GPU checks in one run of at most 9 minutes (the parts' timeouts add up to 540 s, under the device's
 # 600 s per command), for a CUDA machine (made for the project's H200).
-# Run from the project root, with the wheels of ../shared/gpu/fetch-wheels.sh in .whl/ (see ../shared/gpu/README.md):
+# Run from the project root, with the wheels of modeling_gptb/benchmarks/fetch_wheels.sh in .whl/ where the machine
+# has no package registry (see docs/gpu.md):
 #   OUT=/path/for/results bash modeling_gptb/benchmarks/gpu_check.sh
 # Writes under $OUT: gpu_check_decode.json (CUDA-graph decoding vs eager: same tokens, logit gap, per-token latency),
 # gpu_check_train.json (tokens/s and MFU of `gptb train --preset gptb-small --recipe gpu`), gptb-bench-cuda.json/.md
