@@ -129,13 +129,15 @@ class RecurrentSteps:
                 and keys_values[0][0].device != state.device
             ):
                 keys_values = None  # the model moved: build them again
+        if step_mask is not None and pending_mask is None and bool(step_mask.all()):
+            step_mask = None  # all ones (a tokenizer's mask): the rows stay aligned, and decoding stays fast
         decoding = (
             cache is not None
             and token_embeds.shape[1] == 1
             and not self.training
             and not (output_hidden_states or output_attentions)
             and pending_mask is None
-            and (step_mask is None or bool(step_mask.all()))
+            and step_mask is None
         )
         if decoding:  # one token after a cache: the keys and values of the segment so far are reused
             return self._decode_token(state, token_embeds, pending, keys_values, write_partial_segment)

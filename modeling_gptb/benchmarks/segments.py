@@ -57,14 +57,14 @@ def decoding(ctx: Context, gptb, gpt2, K: int, positions) -> dict:
     for position in positions:
         start = position // K * K  # GPTB's cache at a segment boundary
         gptb_cache = gptb(prompt[:, :start], use_cache=True).cache if start else None
-        gpt2_cache = gpt2(prompt[:, : position - 1], use_cache=True).past_key_values
+        gpt2_cache = gpt2(prompt[:, : position - 1], use_cache=True).cache
 
         def gptb_segment(cache=gptb_cache):
             for _ in range(K):
                 cache = gptb(token, cache=cache, use_cache=True, write_partial_segment=False).cache
 
         def gpt2_token(cache=gpt2_cache):
-            gpt2(token, past_key_values=cache, use_cache=True)
+            gpt2(token, cache=cache, use_cache=True)
             cache.crop(-1)  # back to the position for the next round
 
         fns["gptb", position], fns["gpt2", position] = gptb_segment, gpt2_token
