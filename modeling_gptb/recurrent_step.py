@@ -122,13 +122,8 @@ class RecurrentSteps:
             pending, pending_mask, keys_values = cache.pending, cache.pending_mask, cache.keys_values
             pending = None if pending is None else pending.to(device=state.device, dtype=state.dtype)
             pending_mask = None if pending_mask is None else pending_mask.to(state.device)
-            if (
-                keys_values
-                and keys_values[0][0].dtype != state.dtype
-                or keys_values
-                and keys_values[0][0].device != state.device
-            ):
-                keys_values = None  # the model moved: build them again
+            if keys_values and (keys_values[0][0].dtype, keys_values[0][0].device) != (state.dtype, state.device):
+                keys_values = None  # the model moved or was cast: build them again
         if step_mask is not None and pending_mask is None and bool(step_mask.all()):
             step_mask = None  # all ones (a tokenizer's mask): the rows stay aligned, and decoding stays fast
         decoding = (
