@@ -105,10 +105,18 @@ def render_model_card(
             f"{state_size} x {n_embd} = {state_size * n_embd:,} numbers "
             f"({_size(4 * state_size * n_embd)} in float32), constant in the sequence length"
         )
+    segment_steps = isinstance(values.get("segment_length"), int) and values["segment_length"] > 1
     rebias = {
         True: "true: bidirectional attention inside the window, so every state slot reads the new token",
         False: "false: GPT-2's causal mask inside the window; the state cannot read the input",
-    }.get(values.get("rebias"), NA)
+    }
+    if segment_steps:
+        rebias = {
+            True: "true: the segment mask (read slots read each other, tokens the read slots and earlier tokens, "
+            "write slots everything)",
+            False: "false: GPT-2's causal order over the whole window (a control)",
+        }
+    rebias = rebias.get(values.get("rebias"), NA)
 
     if values.get("n_inner"):
         n_inner = _fmt(values["n_inner"], ",")
@@ -130,6 +138,9 @@ def render_model_card(
         "vocab_size": _fmt(values.get("vocab_size"), ","),
         "num_parameters": _fmt(num_parameters, ","),
         "state_size": _fmt(state_size),
+        # configs saved before segment steps have no segment_length: they read one token per step
+        "segment_length": _fmt(values.get("segment_length", 1)),
+        "segment_steps": segment_steps,
         "state_per_sequence": state,
         "rebias": rebias,
         "bptt_steps": _fmt(values.get("bptt_steps")) if values.get("bptt_steps") else "none (full backpropagation)",

@@ -122,20 +122,17 @@ class RecurrentSteps:
             pending, pending_mask, keys_values = cache.pending, cache.pending_mask, cache.keys_values
             pending = None if pending is None else pending.to(device=state.device, dtype=state.dtype)
             pending_mask = None if pending_mask is None else pending_mask.to(state.device)
-            if (
-                keys_values
-                and keys_values[0][0].dtype != state.dtype
-                or keys_values
-                and keys_values[0][0].device != state.device
-            ):
-                keys_values = None  # the model moved: build them again
+            if keys_values and (keys_values[0][0].dtype, keys_values[0][0].device) != (state.dtype, state.device):
+                keys_values = None  # the model moved or was cast: build them again
+        if step_mask is not None and pending_mask is None and bool(step_mask.all()):
+            step_mask = None  # all ones (a tokenizer's mask): the rows stay aligned, and decoding stays fast
         decoding = (
             cache is not None
             and token_embeds.shape[1] == 1
             and not self.training
             and not (output_hidden_states or output_attentions)
             and pending_mask is None
-            and (step_mask is None or bool(step_mask.all()))
+            and step_mask is None
         )
         if decoding:  # one token after a cache: the keys and values of the segment so far are reused
             return self._decode_token(state, token_embeds, pending, keys_values, write_partial_segment)

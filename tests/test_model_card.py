@@ -71,6 +71,7 @@ def test_body_reports_architecture_art_and_training(card):
         "| Attention heads | 4 |",
         "| MLP width (`n_inner`) | 512 (4 x n_embd) |",
         "| State size M (slots) | 8 |",
+        "| Tokens per step K (`segment_length`) | 1 |",
         "| State per sequence | 8 x 128 = 1,024 numbers (4.0 KiB in float32), constant in the sequence length |",
         "| Parameters | 1,053,184 |",
         "| Rule | cosine |",
@@ -87,6 +88,14 @@ def test_body_reports_architecture_art_and_training(card):
         assert row in text, row
     assert "| `rebias` | true: bidirectional attention" in text
     assert "## Limitations" in text
+    assert "M + 1 positions" in text and "write slots" not in text
+
+
+def test_a_segment_model_card_describes_segment_steps(config):
+    text = render_model_card({**config.to_dict(), "segment_length": 64}).text
+    assert "| Tokens per step K (`segment_length`) | 64 |" in text
+    assert "[read slots; the K tokens; write slots], 2M + K positions" in text and "M + 1 positions" not in text
+    assert "| `rebias` | true: the segment mask (read slots read each other" in text
 
 
 def test_usage_snippet(card):

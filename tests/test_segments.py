@@ -116,6 +116,9 @@ def test_padded_rows_equal_the_rows_alone(state_update):
         torch.testing.assert_close(out.past_hidden_states[row], alone.past_hidden_states[0], rtol=1e-10, atol=1e-10)
     # a masked position has no output of its own
     assert (out.logits[~keep] == 0).all()
+    # an all-ones mask (a tokenizer's) keeps the rows aligned: the cache needs no mask, so decoding stays fast
+    assert model(x, attention_mask=torch.ones_like(x)).cache.pending_mask is None
+    assert model(x, attention_mask=mask).cache.pending_mask is not None
 
 
 @pytest.mark.parametrize("splits", [[1], [2, 3], [4], [5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]])

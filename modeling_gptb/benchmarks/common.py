@@ -313,9 +313,10 @@ def gpt2_twin(gptb, cls_name: str = "GPT2Model", n_positions: int | None = None)
 # FLOPs
 
 
-def step_gemms(sizes: Sizes) -> list[tuple[int, int, int]]:
-    """The (rows, in, out) of the GEMMs of one layer of one step: fused QKV, attention projection, MLP up and down."""
-    rows, d = sizes.rows, sizes.n_embd
+def step_gemms(sizes: Sizes, rows: int | None = None) -> list[tuple[int, int, int]]:
+    """The (rows, in, out) of the GEMMs of one layer of one step: fused QKV, attention projection, MLP up and down
+    (`rows`: the step's, batch x (M + 1), unless given)."""
+    rows, d = rows or sizes.rows, sizes.n_embd
     return [(rows, d, 3 * d), (rows, d, d), (rows, d, 4 * d), (rows, 4 * d, d)]
 
 

@@ -9,9 +9,10 @@ import torch
 from .common import Context, compare, fmt_rate, row, step_gemms
 
 
-def gemm_set(ctx: Context):
-    """A function that runs one step's GEMMs (n_layer x the four shapes), and their FLOPs."""
-    shapes = step_gemms(ctx.sizes)
+def gemm_set(ctx: Context, rows: int | None = None):
+    """A function that runs one step's GEMMs (n_layer x the four shapes; `rows` rows, the step's unless given), and
+    their FLOPs."""
+    shapes = step_gemms(ctx.sizes, rows)
     operands = [
         (
             torch.randn(out, device=ctx.device, dtype=ctx.dtype),
