@@ -207,7 +207,10 @@ def format_art_report(report: dict) -> str:
             f"{calibration['fpr']:.0%} of in-domain text is called novel"
         )
     else:
-        lines.append("  not calibrated: run calibrate_art_memory(model, held_out_ids) for a verdict you can trust")
+        lines.append(
+            "  not calibrated: for a verdict you can trust, fit and calibrate the memory (gptb art-report FOLDER "
+            "--fit-on CORPUS_OR_FILE --calibrate-on CORPUS_OR_FILE --save, or fit_art_memory and calibrate_art_memory)"
+        )
     for item in report["texts"]:
         lines.append(f"  {item['text']!r}")
         where = "" if item.get("percentile") is None else f", {_ordinal(item['percentile'])} percentile"
