@@ -79,7 +79,7 @@ def fit_art_memory(
             memory.dim,
             rule=memory.rule,
             vigilance=vigilance,
-            beta=config.art_beta,
+            beta=memory.beta,
             alpha=memory.alpha,
             max_categories=memory.max_categories,
             input_transform=transform,
