@@ -38,6 +38,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--text", action="append", help="a text to score (repeatable)")
     report.add_argument("--file", action="append", help="a file whose text to score (repeatable)")
     report.add_argument("--tokenizer", help=tokenizer_help)
+    report.add_argument(
+        "--fit-on",
+        help="rebuild the memory from the trained model's states on this text: a built-in corpus (its train split) "
+        "or a text file",
+    )
+    report.add_argument(
+        "--input-transform", choices=("none", "center", "euclidean"), help="with --fit-on: what the memory sees"
+    )
+    report.add_argument("--vigilance", type=float, help="with --fit-on: the memory's vigilance")
+    report.add_argument(
+        "--calibrate-on",
+        help="calibrate the verdict on held-out in-domain text: a built-in corpus (its validation split) or a text "
+        "file",
+    )
+    report.add_argument(
+        "--fpr", type=float, default=0.05, help="share of in-domain text called novel (default: %(default)s)"
+    )
+    report.add_argument(
+        "--blocks", type=int, default=500, help="64-token blocks to fit or calibrate on (default: %(default)s)"
+    )
+    report.add_argument("--save", action="store_true", help="write the fitted or calibrated memory into the folder")
 
     push = commands.add_parser(
         "push",

@@ -196,10 +196,12 @@ class ARTMemory(nn.Module):
             else float32: a model built under a bf16 or fp16 default (`from_pretrained(..., dtype=torch.bfloat16)`)
             still gets float32 prototypes.
 
-    The state is three fixed-capacity buffers, so it lives in a parent model's `state_dict` and comes back with
+    The state is fixed-capacity buffers, so it lives in a parent model's `state_dict` and comes back with
     `load_state_dict` (how `Trainer` resumes): `weight` (max_categories, stored_dim) with the prototypes in its first
-    `num_committed` rows, `category_counts` (max_categories,) and `num_committed` (a 0-d long tensor). `stored_dim` is
-    `dim` for `cosine` and `2 * dim` for `fuzzy` (complement coding). The memory follows `.to(device)`, but keeps its
+    `num_committed` rows, `category_counts` (max_categories,), `num_committed` (a 0-d long tensor) and
+    `novelty_histogram`. `stored_dim` is `rule_dim` for `cosine` and `2 * rule_dim` for `fuzzy` (complement coding).
+    The fitted input transform, the calibration and the category descriptions are buffers outside the `state_dict`,
+    saved in the ART file (`save_pretrained`). The memory follows `.to(device)`, but keeps its
     prototypes' dtype through `.to(dtype)`, `.half()`, `.bfloat16()` and the like, on it or on a parent model (as
     transformers keeps `_keep_in_fp32_modules` in float32): casting a model to bf16 does not round what the memory has
     learned. Choose the dtype when building the memory (or with `from_pretrained(..., dtype=...)`). Scores are
@@ -540,11 +542,11 @@ class ARTMemory(nn.Module):
         first tokens of each sequence; -1 pads), kept for the categories rows create (the first
         `ART_EXEMPLAR_TOKENS`) to describe them (`describe_category`).
         """
-        exemplars = self._check_exemplars(x, exemplars)
         if sync and not _distributed():
             raise RuntimeError("ARTMemory.update(sync=True) needs an initialised torch.distributed process group")
         if sync is not False and _distributed() and dist.get_world_size() > 1:
             return self._update_distributed(x, exemplars)
+        exemplars = self._check_exemplars(x, exemplars)
         if self._device_engine():
             return self._update(self._check_x(x, check_values=False), check_values=True, exemplars=exemplars)
         return self._update(self._check_x(x), exemplars=exemplars)
@@ -651,6 +653,7 @@ class ARTMemory(nn.Module):
         rank, world = dist.get_rank(), dist.get_world_size()
         error = None
         try:
+            exemplars = self._check_exemplars(x, exemplars)
             x = self._check_x(x)
         except Exception as exc:  # report after the handshake, or the other ranks would wait forever
             error, x = exc, None

@@ -79,7 +79,7 @@ def fit_art_memory(
             memory.dim,
             rule=memory.rule,
             vigilance=vigilance,
-            beta=config.art_beta,
+            beta=memory.beta,
             alpha=memory.alpha,
             max_categories=memory.max_categories,
             input_transform=transform,
@@ -208,7 +208,10 @@ def format_art_report(report: dict, texts: str = "the given texts") -> str:
             f"{calibration['fpr']:.0%} of in-domain text is called novel"
         )
     else:
-        lines.append("  not calibrated: run calibrate_art_memory(model, held_out_ids) for a verdict you can trust")
+        lines.append(
+            "  not calibrated: for a verdict you can trust, fit and calibrate the memory (gptb art-report FOLDER "
+            "--fit-on CORPUS_OR_FILE --calibrate-on CORPUS_OR_FILE --save, or fit_art_memory and calibrate_art_memory)"
+        )
     if report["texts"]:
         what = "each text, its verdict with novelty (1 - similarity to the nearest category), that category"
         lines.append(f"  {texts}: {what}")

@@ -84,7 +84,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_art_report(args) -> int:
-    from .art_report import art_report, format_art_report
+    from .art_report import art_report, calibrate_art_memory, fit_art_memory, format_art_report
 
     texts = list(args.text or [])
     for file in args.file or []:
@@ -94,8 +94,46 @@ def cmd_art_report(args) -> int:
     model, tokenizer = load_folder(args.folder, args.tokenizer)
     if model.art_memory is None:
         raise CLIError(f"the model in {args.folder} has no ART memory (config.art_enabled is false)")
+    if args.fit_on:
+        blocks = _art_blocks(args.fit_on, "train", tokenizer, args.blocks)
+        try:
+            fitted = fit_art_memory(model, blocks, input_transform=args.input_transform, vigilance=args.vigilance)
+        except ValueError as error:
+            raise CLIError(f"could not fit the memory: {error}") from error
+        print(f"fitted the memory on {fitted['sequences']} blocks of {args.fit_on}: {fitted['categories']} categories")
+    elif args.input_transform or args.vigilance is not None:
+        raise CLIError("--input-transform and --vigilance apply when fitting: pass --fit-on too")
+    if args.calibrate_on:
+        blocks = _art_blocks(args.calibrate_on, "validation", tokenizer, args.blocks)
+        try:
+            calibrate_art_memory(model, blocks, fpr=args.fpr)
+        except ValueError as error:
+            raise CLIError(f"could not calibrate: {error}") from error
+    if args.save:
+        if not (args.fit_on or args.calibrate_on):
+            raise CLIError("--save writes a fitted or calibrated memory: pass --fit-on or --calibrate-on too")
+        # the whole model: fitting may have changed the transform (the memory's width) and the vigilance
+        model.save_pretrained(args.folder)
     print(format_art_report(art_report(model, tokenizer, texts)))
     return 0
+
+
+def _art_blocks(source: str, split: str, tokenizer, count: int):
+    """Up to `count` blocks of 64 tokens from a built-in corpus (its `split`) or a text file."""
+    import torch
+
+    from .data import list_corpora, load_corpus, tokenize_and_chunk
+
+    if source in list_corpora():
+        texts = load_corpus(source, split=split, max_chars=count * 64 * 8)
+    elif Path(source).is_file():
+        texts = [Path(source).read_text(encoding="utf-8")]
+    else:
+        raise CLIError(f"{source} is neither a built-in corpus ({', '.join(list_corpora())}) nor a text file")
+    blocks = tokenize_and_chunk(texts, tokenizer, block_size=64)[:count]
+    if len(blocks) < 2:
+        raise CLIError(f"{source} gives {len(blocks)} block(s) of 64 tokens; at least 2 are needed")
+    return blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))]
 
 
 def cmd_push(args) -> int:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from modeling_gptb import cli
 from modeling_gptb.art_memory import ART_MEMORY_FILE
+from modeling_gptb.modeling_gptb import GPTBLMHeadModel
 from modeling_gptb.tokenization import byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -311,3 +312,24 @@ def test_every_option_has_help_text(command):
     parser = all_parsers()[command]
     silent = [action.dest for action in parser._actions if not (action.help or "").strip()]
     assert not silent, f"{command} options without help text: {silent}"
+
+
+def test_art_report_fits_calibrates_and_saves_the_memory(tmp_path, capsys):
+    folder = save_model_folder(tmp_path / "model")
+    words = "the memory holds what the model has seen and says when a text is new to it".split()
+    rng = torch.Generator().manual_seed(0)
+    for name in ("train.txt", "held_out.txt"):
+        picks = torch.randint(0, len(words), (3000,), generator=rng).tolist()
+        (tmp_path / name).write_text(" ".join(words[i] for i in picks), encoding="utf-8")
+    args = ["art-report", str(folder), "--fit-on", str(tmp_path / "train.txt"), "--input-transform", "euclidean"]
+    args += ["--vigilance", "0.9", "--calibrate-on", str(tmp_path / "held_out.txt"), "--blocks", "40", "--save"]
+    assert cli.main([*args, "--text", "the model says"]) == 0
+    out = capsys.readouterr().out
+    assert "fitted the memory on 40 blocks" in out and "calibrated on 40 held-out in-domain sequences" in out
+    assert "input euclidean" in out and "nearest category #" in out
+    model = GPTBLMHeadModel.from_pretrained(folder)  # the saved memory loads with the saved config
+    assert model.art_memory.input_transform == "euclidean" and model.art_memory.calibration_report()["rows"] == 40
+    assert cli.main(["art-report", str(folder), "--vigilance", "0.5"]) == 2
+    assert "apply when fitting: pass --fit-on too" in one_line_error(capsys, "art-report")
+    assert cli.main(["art-report", str(folder), "--fit-on", "no-such-corpus"]) == 2
+    assert "neither a built-in corpus" in one_line_error(capsys, "art-report")

@@ -7,9 +7,9 @@ language; left out, and said so, where the machine has none) and `random-chars` 
 generated from the seed). Scores, each higher = more novel:
 
 - `art_training`: the memory as learned during training (its prototypes describe earlier representations);
-- `art[T]` for each input transform T (`none`, today's input; `center`; `euclidean`; docs/design.md#what-the-memory-
-  sees): a memory fitted to the final model (`fit_input_transform` then `update` on `train_reference_blocks`
-  training blocks), read only;
+- `art[T]` for each input transform T (`none`, today's input; `center`; `euclidean`;
+  docs/design.md#what-the-memory-sees): a memory fitted to the final model (`fit_input_transform` then `update` on
+  `train_reference_blocks` training blocks), read only;
 - `nn_cosine[T]` (baseline): 1 - cosine similarity to the nearest training block, on the same transformed embeddings
   (for `euclidean` close to the nearest Euclidean distance); `nn_l2`: the nearest Euclidean distance, raw;
 - `loss` (baseline): the model's own mean per-token loss on the block;
