@@ -35,6 +35,7 @@ from transformers import AutoTokenizer, GenerationConfig, get_cosine_schedule_wi
 from gptb_cli.train_args import TrainArgs, build_parser  # torch-free: `gptb train --help` is quick
 
 from . import data as gptb_data
+from .art_memory import ART_MEMORY_FILE
 from .configuration_gptb import GPTBConfig
 from .modeling_gptb import GPTBLMHeadModel
 from .output_folder import (
@@ -619,6 +620,9 @@ def run_training(args: TrainArgs, fields: dict, output: Path, accelerator: Accel
     if resume_from is not None:
         try:
             accelerator.load_state(str(resume_from))
+            memory = accelerator.unwrap_model(model).art_memory
+            if memory is not None:  # the state_dict leaves out what only the ART file holds (calibration, exemplars)
+                memory.load_file(resume_from / ART_MEMORY_FILE)
             step, history = int(saved["step"]), saved["history"]
         except Exception as error:  # safetensors, torch.load, json and shape errors alike
             raise TrainingError(

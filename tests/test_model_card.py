@@ -179,7 +179,7 @@ def test_gptb_train_and_save_pretrained_write_one_card_with_the_models_facts(tmp
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "held-out evaluation texts (their first 60 characters): novelty" in proc.stdout  # the ART summary's header
+    assert "held-out evaluation texts (their first 60 characters): each text" in proc.stdout  # ART header
     model = AutoModelForCausalLM.from_pretrained(output)
     model.save_pretrained(tmp_path / "saved")
     trained, saved = (ModelCard.load(folder / "README.md") for folder in (output, tmp_path / "saved"))
