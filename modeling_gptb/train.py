@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, get_cosine_schedule_with_warmup
 
 from . import data as gptb_data
+from .art_memory import ART_MEMORY_FILE
 from .configuration_gptb import GPTBConfig
 from .modeling_gptb import GPTBLMHeadModel
 from .output_folder import (
@@ -564,6 +565,9 @@ def train(args: TrainArgs) -> dict:
     if resume_from is not None:
         try:
             accelerator.load_state(str(resume_from))
+            memory = accelerator.unwrap_model(model).art_memory
+            if memory is not None and (resume_from / ART_MEMORY_FILE).is_file():
+                memory.load_file(resume_from / ART_MEMORY_FILE)  # and what the state_dict lacks: its descriptions
             step, history = int(saved["step"]), saved["history"]
         except Exception as error:  # safetensors, torch.load, json and shape errors alike
             raise TrainingError(
