@@ -165,3 +165,21 @@ def test_a_decoded_token_costs_one_position_and_the_write_slots_run_once_per_seg
         held_before = (position - 1) % K
         expected += ([M] if held_before == 0 else []) + [1] + ([M] if held_before == K - 1 else [])
     assert extended == expected
+
+
+def test_decoding_follows_the_attention_implementation(monkeypatch):
+    import modeling_gptb.modeling_gptb as modeling
+
+    model = sharp_model()
+    input_ids = prompts(2, 5, seed=8)
+    sdpa = greedy(model, input_ids, 7)
+    calls = []
+    eager = modeling.eager_attention_forward
+    monkeypatch.setattr(
+        modeling, "eager_attention_forward", lambda *a, **k: calls.append(a[1].shape) or eager(*a, **k)
+    )
+    model.set_attn_implementation("eager")
+    written_out = greedy(model, input_ids, 7)
+    assert any(query_shape[2] == 1 for query_shape in calls)  # the one-position decode steps too
+    assert torch.equal(written_out.sequences, sdpa.sequences)
+    torch.testing.assert_close(torch.stack(written_out.logits), torch.stack(sdpa.logits), rtol=1e-10, atol=1e-10)
