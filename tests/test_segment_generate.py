@@ -183,3 +183,16 @@ def test_decoding_follows_the_attention_implementation(monkeypatch):
     assert any(query_shape[2] == 1 for query_shape in calls)  # the one-position decode steps too
     assert torch.equal(written_out.sequences, sdpa.sequences)
     torch.testing.assert_close(torch.stack(written_out.logits), torch.stack(sdpa.logits), rtol=1e-10, atol=1e-10)
+
+
+def test_generate_from_inputs_embeds_and_with_hidden_states():
+    model = sharp_model(state_update="selective")
+    input_ids = prompts(2, 6, seed=9)
+    from_ids = model.generate(input_ids, max_new_tokens=7, do_sample=False)
+    embeds = model.transformer.wte(input_ids).detach()
+    assert torch.equal(model.generate(inputs_embeds=embeds, max_new_tokens=7, do_sample=False), from_ids[:, 6:])
+    # hidden states asked for in generate take the window path; the tokens are the same
+    out = model.generate(
+        input_ids, max_new_tokens=7, do_sample=False, output_hidden_states=True, return_dict_in_generate=True
+    )
+    assert torch.equal(out.sequences, from_ids) and len(out.hidden_states) == 7
