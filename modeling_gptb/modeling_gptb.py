@@ -224,23 +224,21 @@ class GPTBAttention(nn.Module):
         """
         batch, width, dim = x.shape
         q, k, v = self._heads(x)
+        # mask None: the window's own rule; padding is handled by the step (docs/design.md#padding)
+        y, weights = self._attend(q, k, v, mask, self.is_causal and mask is None, output_attentions)
+        y = y.reshape(batch, width, dim)
+        return self.resid_dropout(self.c_proj(y)), weights if output_attentions else None
+
+    def _attend(self, q, k, v, mask, is_causal: bool, output_attentions: bool = False):
+        """The configured attention implementation (`config._attn_implementation`; eager when weights are wanted)."""
         attention = eager_attention_forward
         if self.config._attn_implementation != "eager" and not output_attentions:  # SDPA returns no weights
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
-        y, weights = attention(
-            self,
-            q,
-            k,
-            v,
-            mask,  # None: the window's own rule; padding is handled by the step (docs/design.md#padding)
-            scaling=1.0 / math.sqrt(self.head_dim),
-            dropout=self.attn_pdrop if self.training else 0.0,
-            is_causal=self.is_causal and mask is None,
-        )
-        y = y.reshape(batch, width, dim)
-        return self.resid_dropout(self.c_proj(y)), weights if output_attentions else None
+        dropout = self.attn_pdrop if self.training else 0.0
+        scaling = 1.0 / math.sqrt(self.head_dim)
+        return attention(self, q, k, v, mask, scaling=scaling, dropout=dropout, is_causal=is_causal)
 
     def _heads(self, x: torch.Tensor):
         """Queries, keys and values `(batch, n_head, width, head_dim)` of the positions `x`."""
@@ -258,10 +256,8 @@ class GPTBAttention(nn.Module):
         q, k, v = self._heads(x)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        dropout = self.attn_pdrop if self.training else 0.0
-        scale = 1.0 / math.sqrt(self.head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(batch, width, dim))), (k, v)
+        y, _ = self._attend(q, k, v, mask, is_causal=False)
+        return self.resid_dropout(self.c_proj(y.reshape(batch, width, dim))), (k, v)
 
 
 class GPTBMLP(nn.Module):

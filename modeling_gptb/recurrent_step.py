@@ -124,18 +124,25 @@ class RecurrentSteps:
             pending_mask = None if pending_mask is None else pending_mask.to(state.device)
             if keys_values and (keys_values[0][0].dtype, keys_values[0][0].device) != (state.dtype, state.device):
                 keys_values = None  # the model moved or was cast: build them again
-        if step_mask is not None and pending_mask is None and bool(step_mask.all()):
-            step_mask = None  # all ones (a tokenizer's mask): the rows stay aligned, and decoding stays fast
+        # a CUDA-graph capture (decode_cuda_graph) runs whole windows: fixed shapes, and no reads of values on the host
+        capturing = state.is_cuda and torch.cuda.is_current_stream_capturing()
+        if step_mask is not None and not capturing and bool(step_mask.all()):
+            step_mask = None  # all ones (a tokenizer's mask, or generate()'s column for a new token): nothing masked
         decoding = (
             cache is not None
             and token_embeds.shape[1] == 1
             and not self.training
             and not (output_hidden_states or output_attentions)
-            and pending_mask is None
             and step_mask is None
+            and not capturing
         )
-        if decoding:  # one token after a cache: the keys and values of the segment so far are reused
+        # one token after a cache: the keys and values of the segment so far are reused
+        if decoding and pending_mask is None:
             return self._decode_token(state, token_embeds, pending, keys_values, write_partial_segment)
+        if decoding:  # rows at different places in their segments (a left-padded batch)
+            return self._decode_token_rows(
+                state, token_embeds, pending, pending_mask, keys_values, write_partial_segment
+            )
         out = self._run_segment_call(
             state, token_embeds, step_mask, output_hidden_states, output_attentions, pending, pending_mask
         )
@@ -391,3 +398,68 @@ class RecurrentSteps:
         if held == K:
             return CallOutput(new_state, new_state, None, None, out, None, None, None)
         return CallOutput(new_state, state, pending, None, out, None, None, keys_values)
+
+    def _decode_token_rows(self, state, token_embed, pending, pending_mask, keys_values, write_partial_segment):
+        """
+        `_decode_token` for rows at different places in their segments (a left-padded batch): each row's partial
+        segment is held `K - 1` wide with `pending_mask` marking its tokens, the keys and values `M + K` wide, and
+        each row's new token goes to its own position. The write slots run when a row completes its segment (kept for
+        the rows that did, whose read slots then start again), or for every row with `write_partial_segment`.
+        """
+        M, K = self.state_size, self.config.segment_length
+        batch, device = state.shape[0], state.device
+        allowed = segment_mask(M, K, self.config.rebias, device)
+        positions = self.wpe(self.window_positions)
+        read = state if self.state_update is None else self.state_update.read(state)
+        slots = torch.ones(batch, M, dtype=torch.bool, device=device)
+        held = pending_mask.sum(dim=1)
+        if keys_values is None:
+            keys_values = self._row_keys_values(read, pending, pending_mask, allowed, positions)
+        # the new token reads the read slots, the tokens its row holds, and itself
+        here = M + held
+        keys = torch.cat([slots, torch.arange(K, device=device) < held[:, None], slots[:, :1]], dim=1)
+        out, extended = self._extend(token_embed + positions[here][:, None], keys_values, keys[:, None, None, :])
+        at = here.view(batch, 1, 1, 1)
+        keys_values = [
+            tuple(kv[:, :, :-1].scatter(2, at.expand(-1, kv.shape[1], 1, kv.shape[3]), kv[:, :, -1:]) for kv in pair)
+            for pair in extended
+        ]
+        held = held + 1
+        complete = held == K
+        tokens = torch.arange(K, device=device) < held[:, None]
+        at = (held - 1).clamp(max=K - 2).view(batch, 1, 1).expand(-1, 1, token_embed.shape[2])
+        pending = pending.scatter(1, at, token_embed)
+        pending_mask = tokens[:, : K - 1] & ~complete[:, None]
+        any_complete = bool(complete.any())
+        if not (write_partial_segment or any_complete):
+            return CallOutput(state, state, pending, pending_mask, out, None, None, keys_values)
+        write_keys = torch.cat([slots, tokens, slots], dim=1)
+        written, _ = self._extend(
+            read + positions[M + K :], keys_values, allowed[M + K :] & write_keys[:, None, None, :]
+        )
+        if self.state_update is not None:
+            written = self.state_update(state, written, out[:, -1], token_embed[:, -1])
+        done = complete[:, None, None]
+        cache_state = torch.where(done, written, state)
+        if any_complete:  # those rows start a new segment: the read slots of their new state, no tokens yet
+            new_read = cache_state if self.state_update is None else self.state_update.read(cache_state)
+            fresh = self._row_keys_values(new_read, None, None, allowed, positions)
+            keys_values = [
+                tuple(torch.where(done[..., None], new, old) for new, old in zip(fresh_pair, pair, strict=True))
+                for fresh_pair, pair in zip(fresh, keys_values, strict=True)
+            ]
+        final = written if write_partial_segment else cache_state
+        return CallOutput(final, cache_state, pending, pending_mask, out, None, None, keys_values)
+
+    def _row_keys_values(self, read, pending, pending_mask, allowed, positions):
+        """Per block, the keys and values `(B, H, M + K, head_dim)` of the read slots and the `K - 1` positions of
+        the partial segment `pending` (None: none yet); the positions no row holds a token at are read by no one."""
+        M, K = self.state_size, self.config.segment_length
+        _, keys_values = self._extend(read + positions[:M], None, allowed[:M, :M])
+        width = M
+        if pending is not None:
+            keys = torch.cat([torch.ones_like(pending_mask[:, :1]).expand(-1, M), pending_mask], dim=1)
+            tokens_mask = allowed[M : M + K - 1, : M + K - 1] & keys[:, None, None, :]
+            _, keys_values = self._extend(pending + positions[M : M + K - 1], keys_values, tokens_mask)
+            width = M + K - 1
+        return [tuple(F.pad(kv, (0, 0, 0, M + K - width)) for kv in pair) for pair in keys_values]

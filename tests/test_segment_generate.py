@@ -165,3 +165,53 @@ def test_a_decoded_token_costs_one_position_and_the_write_slots_run_once_per_seg
         held_before = (position - 1) % K
         expected += ([M] if held_before == 0 else []) + [1] + ([M] if held_before == K - 1 else [])
     assert extended == expected
+
+
+def test_decoding_follows_the_attention_implementation(monkeypatch):
+    import modeling_gptb.modeling_gptb as modeling
+
+    model = sharp_model()
+    input_ids = prompts(2, 5, seed=8)
+    sdpa = greedy(model, input_ids, 7)
+    calls = []
+    eager = modeling.eager_attention_forward
+    monkeypatch.setattr(
+        modeling, "eager_attention_forward", lambda *a, **k: calls.append(a[1].shape) or eager(*a, **k)
+    )
+    model.set_attn_implementation("eager")
+    written_out = greedy(model, input_ids, 7)
+    assert any(query_shape[2] == 1 for query_shape in calls)  # the one-position decode steps too
+    assert torch.equal(written_out.sequences, sdpa.sequences)
+    torch.testing.assert_close(torch.stack(written_out.logits), torch.stack(sdpa.logits), rtol=1e-10, atol=1e-10)
+
+
+def test_generate_from_inputs_embeds_and_with_hidden_states():
+    model = sharp_model(state_update="selective")
+    input_ids = prompts(2, 6, seed=9)
+    from_ids = model.generate(input_ids, max_new_tokens=7, do_sample=False)
+    embeds = model.transformer.wte(input_ids).detach()
+    assert torch.equal(model.generate(inputs_embeds=embeds, max_new_tokens=7, do_sample=False), from_ids[:, 6:])
+    # hidden states asked for in generate take the window path; the tokens are the same
+    out = model.generate(
+        input_ids, max_new_tokens=7, do_sample=False, output_hidden_states=True, return_dict_in_generate=True
+    )
+    assert torch.equal(out.sequences, from_ids) and len(out.hidden_states) == 7
+
+
+def test_a_left_padded_batch_decodes_from_keys_and_values_too(monkeypatch):
+    # rows at different places in their segments: no whole window after the prompt, and the result of one at a time
+    model = sharp_model(state_update="addressed")
+    input_ids = torch.tensor([[60, 60, 60, 4, 9], [60, 11, 2, 37, 5], [8, 6, 7, 3, 1]])
+    mask = (input_ids != 60).long()
+    windows, rows_steps = [], []
+    model.transformer.h[0].register_forward_pre_hook(lambda module, args: windows.append(args[0].shape[1]))
+    decode = model.transformer._decode_token_rows
+    monkeypatch.setattr(model.transformer, "_decode_token_rows", lambda *a: rows_steps.append(1) or decode(*a))
+    batched = greedy(model, input_ids, 10, attention_mask=mask, pad_token_id=60)
+    assert len(windows) == 2 and len(rows_steps) == 9  # the prompt's windows, then one decode step per token
+    for row in range(3):
+        alone = greedy(model, input_ids[row : row + 1, mask[row].bool()], 10)
+        assert torch.equal(batched.sequences[row, 5:], alone.sequences[0, int(mask[row].sum()) :])
+        torch.testing.assert_close(
+            torch.stack(batched.logits)[:, row], torch.stack(alone.logits)[:, 0], rtol=1e-10, atol=1e-10
+        )
