@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig, get_cosine_schedule_with_warmup
 
 from . import data as gptb_data
+from .art_file import ART_MEMORY_FILE
 from .configuration_gptb import GPTBConfig
 from .modeling_gptb import GPTBLMHeadModel
 from .output_folder import (
@@ -655,6 +656,9 @@ def run_training(args: TrainArgs, fields: dict, output: Path, accelerator: Accel
     if resume_from is not None:
         try:
             accelerator.load_state(str(resume_from))
+            memory = accelerator.unwrap_model(model).art_memory
+            if memory is not None:  # the ART file holds state the state_dict does not (all of the memory's, read last)
+                memory.load_file(resume_from / ART_MEMORY_FILE)
             step, history = int(saved["step"]), saved["history"]
         except Exception as error:  # safetensors, torch.load, json and shape errors alike
             raise TrainingError(
