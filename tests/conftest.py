@@ -51,6 +51,19 @@ def randomize(model, seed: int = 0, scale: float = 0.4):
     return model
 
 
+def train_steps(model, x: torch.Tensor, steps: int, lr: float = 1e-2) -> list[float]:
+    """`steps` AdamW steps of the LM loss on `x` over the trainable parameters; the loss before each step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def tiny_tokenizer():
     """An offline `PreTrainedTokenizerFast` over the tiny vocabulary: id 0 `<|endoftext|>`, `w1`..`w58`, 59 `<unk>`,
     60 `<pad>` (the ids of `TINY`). Words are split on whitespace and decoded joined by spaces."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize, tiny_model
+from conftest import randomize, tiny_model, train_steps
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from modeling_gptb import GPTBLMHeadModel
@@ -42,14 +42,7 @@ def test_lora_trains_saves_reloads_equal_and_merges(tmp_path):
     assert trainable and all("lora_" in name and ".attn.c_attn." in name for name in trainable)
 
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(TOKENS, labels=TOKENS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, TOKENS, steps=8)
     assert losses[-1] < losses[0]
     model.eval()
     adapted = logits(model)

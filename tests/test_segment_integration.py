@@ -1,29 +1,16 @@
-"""Segment steps (`segment_length` K > 1) through the real parts: Trainer, `gptb train --set segment_length=64`,
-save/load, and PEFT LoRA. (Remote code in a fresh process: tests/test_hf_native.py, parametrized over K.)"""
-
-import math
+"""Segment steps (`segment_length` K > 1) through the real parts: `gptb train --set segment_length=64`, save/load, and
+PEFT LoRA. (Trainer: tests/test_trainer.py, remote code in a fresh process: tests/test_hf_native.py, both parametrized
+over K.)"""
 
 import pytest
 import torch
-from conftest import randomize, tiny_model
+from conftest import randomize, tiny_model, train_steps
 from test_train_cli import fresh_accelerate_state, train  # noqa: F401 (an autouse fixture)
-from test_trainer import datasets, make_model, make_trainer, tokenizer  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM
 
 from modeling_gptb import GPTBLMHeadModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def test_trainer_learns_with_segments(tokenizer, datasets, tmp_path):  # noqa: F811
-    # blocks of 24 tokens: three segments of 8 per sequence
-    model = make_model(tokenizer, segment_length=8)
-    trainer = make_trainer(model, tokenizer, datasets, tmp_path, max_steps=30, learning_rate=5e-3)
-    before = trainer.evaluate()
-    trainer.train()
-    after = trainer.evaluate()
-    assert after["eval_loss"] < before["eval_loss"] - 0.5
-    assert math.isclose(after["eval_perplexity"], math.exp(after["eval_loss"]), rel_tol=1e-6)
 
 
 def test_gptb_train_with_segment_length_64(tmp_path):
@@ -56,14 +43,7 @@ def test_lora_on_segment_steps_trains_and_reloads_equal(tmp_path):
     x = torch.randint(0, 60, (3, 10), generator=torch.Generator().manual_seed(1))
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     model = peft.get_peft_model(base(), config).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(x, labels=x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, x, steps=6)
     assert losses[-1] < losses[0]
     model.eval()
     model.save_pretrained(tmp_path / "adapter")

@@ -59,8 +59,9 @@ def make_trainer(model, tokenizer, datasets, output_dir, callbacks=None, **overr
 
 
 @pytest.mark.smoke
-def test_loss_falls_and_evaluation_reports_loss_and_perplexity(tokenizer, datasets, tmp_path):
-    model = make_model(tokenizer)
+@pytest.mark.parametrize("segment_length", [1, 8], ids=["one-token", "segments"])  # blocks of 24: three segments
+def test_loss_falls_and_evaluation_reports_loss_and_perplexity(tokenizer, datasets, tmp_path, segment_length):
+    model = make_model(tokenizer, segment_length=segment_length)
     trainer = make_trainer(model, tokenizer, datasets, tmp_path, max_steps=30, learning_rate=5e-3)
     before = trainer.evaluate()
     trainer.train()
