@@ -120,7 +120,7 @@ def test_gptb_train_logs_mfu_against_the_given_peak(tmp_path, capsys):
 def test_a_bad_peak_on_the_command_line_is_exit_2_before_any_work(tmp_path, capsys):
     assert train(tmp_path / "out", "--peak_tflops", "-1") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["gptb train: error: the peak must be > 0 TFLOP/s, got -1.0"]
+    assert err == ["gptb train: error: --peak_tflops must be a finite number > 0, got -1.0"]
     assert not (tmp_path / "out").exists()
 
 
