@@ -113,6 +113,8 @@ def check_args(args: TrainArgs):
         in_range = isinstance(value, (int, float)) and (value > 0 if floor == "> 0" else value >= 0)
         if not in_range or not math.isfinite(value):  # inf passes `> 0` and trains a non-finite model
             refuse(name, f"a finite number {floor}")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        refuse("peak_tflops", "a finite number > 0")
     from_tokenizer = sorted(set(args.overrides) & set(TOKENIZER_FIELDS))
     if from_tokenizer:  # the run sets them from the tokenizer; a --set would be silently replaced
         raise TrainingError(

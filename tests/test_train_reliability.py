@@ -163,7 +163,7 @@ def test_a_missing_or_damaged_rng_file_is_an_error_unless_allowed(tmp_path, caps
         (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
         (["--weight_decay", "inf"], "--weight_decay must be a finite number >= 0, got inf"),
         (["--max_grad_norm", "inf"], "--max_grad_norm must be a finite number > 0, got inf"),
-        (["--peak_tflops", "inf"], "the peak must be a finite number of TFLOP/s, got inf"),
+        (["--peak_tflops", "inf"], "--peak_tflops must be a finite number > 0, got inf"),
         (["--set", "vocab_size=100"], "--set vocab_size: the run takes these from the tokenizer"),  # item 12
         (["--set", "pad_token_id=3"], "--set pad_token_id: the run takes these from the tokenizer"),
         (["--tokenizer_vocab_size", "100"], "--tokenizer_vocab_size must be an integer >= 258"),
