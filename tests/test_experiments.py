@@ -150,11 +150,12 @@ def test_a_killed_experiment_keeps_its_finished_runs_and_resumes_from_them(name,
 # Issue 18: segment GPTB against its no-memory control (every segment from the initial state) and GPT-2.
 def test_segments_preset_pairs_segment_gptb_with_its_no_memory_control():
     from modeling_gptb.experiments import sample_efficiency
+    from modeling_gptb.experiments.memory import SELECTIVE
 
     specs = sample_efficiency.variants(sample_efficiency.PRESETS["segments"])
     assert set(specs) == {"gptb_seg64", "gptb_seg64_nomem", "gpt2_ctx64", "gpt2_ctx256"}
     seg, nomem = specs["gptb_seg64"], specs["gptb_seg64_nomem"]
-    assert seg["overrides"] == nomem["overrides"] and seg["overrides"]["segment_length"] == 64
+    assert seg["overrides"] == nomem["overrides"] == {"state_size": 16, "segment_length": 64, **SELECTIVE}
     # the memory model reads 4 segments per training row and the whole eval block; the control one segment at a time
     assert (seg["block"], seg["context"]) == (256, None) and (nomem["block"], nomem["context"]) == (64, 64)
     with pytest.raises(ValueError, match="multiple of segment_length 64"):
