@@ -12,7 +12,9 @@ Models:
 - `gpt2_full`: `GPT2LMHeadModel` seeing the whole sequence;
 - `gpt2_ctxN`: the same with a context of N tokens (64 in `gpu`, 16 in `cpu`): each scored step sees only the N
   tokens up to it, so beyond that distance the key is out of reach (run only where the sequence is longer than N);
-- `lstm`: an `nn.LSTM` of the same depth, its width chosen so its parameters match GPTB's.
+- `lstm`: an `nn.LSTM` of the same depth, its width chosen so its parameters match GPTB's;
+- segment GPTB (`segment_length` K) and its no-memory control (`"reset_every": K`: every segment of K tokens is read
+  from the initial state, in training and in the test), in the `segments` preset.
 
 `results.json` holds every run (accuracy against steps), the summary (final accuracy mean ± s.d., seeds at
 >= 0.95), `best_model` and `best_config`: the `GPTBConfig` of the GPTB configuration recommended for memory

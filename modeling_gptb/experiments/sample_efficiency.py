@@ -8,6 +8,9 @@ schedule (5% linear warm-up, cosine to 10%) and token budget:
 - `gpt2_ctx64`, `gpt2_ctx256`: `transformers.GPT2LMHeadModel` trained on blocks of 64 / 256 tokens;
 - ablations: `gptb_M1`, `gptb_M32` (state_size 1 / 32) and `gptb_norebias` (`rebias=False`: the causal mask
   hides the token from the state, which the design predicts makes the state useless);
+- segment steps (a preset's `segment`, issue 18): `gptb_segK`, GPTB with `segment_length` K trained on blocks of
+  several segments (the state carried across them), and its no-memory control `gptb_segK_nomem`, the same model
+  trained and evaluated on rows of K tokens, so every segment reads the initial state (`common.window_logits`);
 - state-update variants (a preset's `gptb_variants`: name -> `GPTBConfig` overrides), e.g. `gptb_selective`, the
   configuration the memory benchmark recommends, which the `memory` preset runs against the seed's step and the
   control for three times the `cpu` budget.
