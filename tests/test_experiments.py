@@ -145,3 +145,59 @@ def test_a_killed_experiment_keeps_its_finished_runs_and_resumes_from_them(name,
     assert first[0] == record  # read back, not trained again (its timing would differ)
     records = sorted((out / "runs").rglob("seed-*.json"))
     assert len(records) > 1 and all(json.loads(p.read_text())["record"]["seed"] in (0, 1) for p in records)
+
+
+# Issue 18: segment GPTB against its no-memory control (every segment from the initial state) and GPT-2.
+def test_segments_preset_pairs_segment_gptb_with_its_no_memory_control():
+    from modeling_gptb.experiments import sample_efficiency
+    from modeling_gptb.experiments.memory import SELECTIVE
+
+    specs = sample_efficiency.variants(sample_efficiency.PRESETS["segments"])
+    assert set(specs) == {"gptb_seg64", "gptb_seg64_nomem", "gpt2_ctx64", "gpt2_ctx256"}
+    seg, nomem = specs["gptb_seg64"], specs["gptb_seg64_nomem"]
+    assert seg["overrides"] == nomem["overrides"] == {"state_size": 16, "segment_length": 64, **SELECTIVE}
+    # the memory model reads 4 segments per training row and the whole eval block; the control one segment at a time
+    assert (seg["block"], seg["context"]) == (256, None) and (nomem["block"], nomem["context"]) == (64, 64)
+    with pytest.raises(ValueError, match="multiple of segment_length 64"):
+        sample_efficiency.variants(
+            {**sample_efficiency.PRESETS["segments"], "segment": {"segment_length": 64, "block": 96}}
+        )
+
+
+def test_no_memory_control_reads_every_segment_from_the_initial_state():
+    import torch
+
+    from modeling_gptb.tokenization import byte_tokenizer
+
+    torch.manual_seed(0)
+    arch = {"n_embd": 32, "n_layer": 2, "n_head": 2}
+    model = common.gptb_model(byte_tokenizer(), arch, state_size=2, segment_length=4).eval()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        control = common.window_logits(model, ids, context=4)  # how the control is evaluated
+        fresh = model(input_ids=ids[:, 4:8]).logits  # segment 2 alone, from the initial state
+        carried = common.window_logits(model, ids)  # the memory model: the state written by segment 1 is read
+        trained_rows = model(input_ids=ids.view(-1, 4)).logits.view(2, 12, -1)  # how the control is trained
+    torch.testing.assert_close(control[:, 4:8], fresh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained_rows, control, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(carried[:, :4], control[:, :4], rtol=1e-5, atol=1e-5)  # the first segment agrees
+    assert (carried[:, 4:8] - fresh).abs().max() > 1e-3  # and the memory changes what follows
+
+
+def test_segment_section_reports_paired_gaps_at_every_evaluation():
+    from modeling_gptb.experiments.sample_efficiency import _segment_section
+
+    def runs_of(curves):
+        return [{"seed": seed, "eval_loss": c, "eval_tokens": [0, 100]} for seed, c in curves.items()]
+
+    runs = {
+        "gptb_seg8": runs_of({0: [9.0, 5.0], 1: [9.0, 5.2]}),
+        "gptb_seg8_nomem": runs_of({1: [9.0, 5.4], 0: [9.0, 4.9]}),
+        "gpt2_ctx8": runs_of({0: [9.0, 5.5], 1: [9.0, 5.5]}),
+        "gpt2_ctx32": runs_of({0: [9.0, 5.6], 1: [9.0, 5.4]}),
+    }
+    flops = {name: {"train_flops_per_token": 2.0 if name == "gptb_seg8" else 1.0} for name in runs}
+    text = _segment_section({"runs": runs, "summary": flops})
+    # at 100 tokens: seg - nomem = +0.1 (seed 0), -0.2 (seed 1): mean -0.05, s.d. 0.212, lower in 1 of 2 seeds
+    assert "| 100 | -0.050 ± 0.212 (1/2) | -0.400 ± 0.141 (2/2) | 0.000 ± 0.141 (1/2) |" in text
+    assert "seed 0: +0.1000, seed 1: -0.2000" in text and "`gpt2_ctx8` 2.00x" in text

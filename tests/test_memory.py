@@ -230,3 +230,61 @@ def test_report_cells_show_a_spread_only_over_several_seeds():
     one = {"seeds": 1, "final_accuracy_mean": 0.5678, "final_accuracy_std": 0.0}
     three = {"seeds": 3, "final_accuracy_mean": 0.5678, "final_accuracy_std": 0.0123}
     assert memory._accuracy_cell(one) == "0.57" and memory._accuracy_cell(three) == "0.57 ± 0.01"
+
+
+# Issue 18 item 3: recall across segments, without a curriculum, against segment GPTB's no-memory control.
+def test_segments_preset_puts_every_key_two_segments_before_its_query():
+    p = memory.PRESETS["segments"]
+    k = p["models"]["gptb_seg16_selective"]["overrides"]["segment_length"]
+    assert k == 16 and {spec["loss"] for spec in p["tasks"].values()} == {"query", "lm"}
+    for index, (name, spec) in enumerate(p["tasks"].items()):
+        assert spec["task"] == "recall" and "curriculum" not in spec, name
+        distance = spec["params"]["distance"]
+        for batch in (
+            held_out_set("recall", 1024, index, **spec["params"]),
+            make_batch("recall", 256, generator(), **spec["params"]),
+        ):
+            rows, query_at = (batch.inputs == QUERY).nonzero(as_tuple=True)
+            assert torch.equal(rows, torch.arange(len(batch.inputs)))  # one query per sequence
+            key_at = query_at - distance - 1
+            assert torch.equal(batch.inputs[rows, key_at], batch.targets[rows, query_at])  # the key is the answer
+            assert ((query_at // k) - (key_at // k)).min() >= 2  # >= 2 segment boundaries between key and query
+            assert key_at.min() == 0 and key_at.max() == distance  # at a random position, the whole range used
+
+
+def test_no_memory_control_scores_each_segment_from_the_initial_state():
+    p = memory.PRESETS["segments"]
+    spec = p["models"]["gptb_seg16_nomem"]
+    assert spec["overrides"] == p["models"]["gptb_seg16_selective"]["overrides"] and spec["reset_every"] == 16
+    torch.manual_seed(0)
+    model = memory.build_model(spec, p, 68).eval()
+    batch = make_batch("recall", 4, generator(1), distance=32)
+    with torch.no_grad():
+        for weight in model.parameters():  # the selective write starts closed; open everything at random
+            weight.add_(torch.randn_like(weight) * 0.1)
+        control = memory.scored_logits(model, batch.inputs, batch.targets, None, reset=16)
+        carried = memory.scored_logits(model, batch.inputs, batch.targets, None)
+        query_at = (batch.inputs == QUERY).nonzero(as_tuple=True)[1].tolist()
+        fresh = torch.stack(
+            [
+                model(input_ids=batch.inputs[row : row + 1, q - q % 16 : q + 1]).logits[0, -1]
+                for row, q in enumerate(query_at)
+            ]
+        )  # the query's segment alone, from the initial state
+    torch.testing.assert_close(control, fresh, rtol=1e-5, atol=1e-5)
+    assert (carried - fresh).abs().max() > 1e-3  # the memory model reads what earlier segments wrote
+
+
+def test_no_memory_control_trains_under_both_losses_and_is_never_recommended():
+    p = {**memory.PRESETS["segments"], "steps": 2, "eval_every": 1, "test_size": 8, "batch": 4, "eval_batch": 8}
+    spec = p["models"]["gptb_seg16_nomem"]
+    for task in p["tasks"].values():
+        test = held_out_set("recall", 8, 0, **task["params"])
+        record = memory.train_one(task, spec, p, 0, test)
+        assert len(record["accuracy"]) == 3 and record["config"]["segment_length"] == 16
+    summary = {
+        name: {"final_accuracy_mean": 1.0 if name.endswith("nomem") else 0.1, "solved_seeds": 0, "seeds": 3}
+        for name in p["models"]
+    }
+    tasks = {"recall_k32": p["tasks"]["recall_k32"]}
+    assert memory.best_gptb({"recall_k32": summary}, tasks, p["models"]) != "gptb_seg16_nomem"

@@ -134,7 +134,7 @@ def gptb_model(tokenizer, arch: dict, **overrides) -> GPTBLMHeadModel:
         attn_pdrop=0.0,
         **overrides,
     )
-    config.n_positions = config.state_size + 1  # a step uses M+1 positions: no unused position embeddings
+    config.n_positions = config.window_size  # M+1 (one token) or 2M+K (segments) positions: none unused
     return GPTBLMHeadModel(config)
 
 
@@ -268,12 +268,24 @@ def train_model(
     return history
 
 
+def window_logits(model, inputs: torch.Tensor, context: int | None = None) -> torch.Tensor:
+    """Logits (N, T, V) of `inputs` (N, T), cut into consecutive windows of `context` tokens that each start from
+    scratch (no overlap; None: one pass over the whole row). This is how a fixed-context model (GPT-2) and GPTB's
+    no-memory control (every segment from the initial state) read a row longer than their window."""
+    n, t = inputs.shape
+    if context is None or context >= t:
+        return model(input_ids=inputs).logits
+    pad = (-t) % context
+    padded = torch.cat([inputs, inputs.new_zeros(n, pad)], dim=1)
+    return model(input_ids=padded.reshape(-1, context)).logits.reshape(n, t + pad, -1)[:, :t]
+
+
 @torch.no_grad()
 def per_token_losses(model, blocks: torch.Tensor, batch_size: int, context: int | None = None) -> torch.Tensor:
     """Next-token losses (nats), shape (N, T-1): target t+1 predicted from tokens 0..t of its block.
 
     `context`: for a fixed-context model (GPT-2) shorter than the block, the block is cut into consecutive
-    windows of `context` tokens that each start from scratch (no overlap), so every model predicts the same
+    windows of `context` tokens that each start from scratch (`window_logits`), so every model predicts the same
     targets; GPTB runs the whole block, carrying its state.
     """
     dev = device()
@@ -283,12 +295,7 @@ def per_token_losses(model, blocks: torch.Tensor, batch_size: int, context: int 
         x = blocks[start : start + batch_size].to(dev)
         inputs = x[:, :-1]
         n, t = inputs.shape
-        if context is not None and context < t + 1:
-            pad = (-t) % context
-            padded = torch.cat([inputs, inputs.new_zeros(n, pad)], dim=1)
-            logits = model(input_ids=padded.reshape(-1, context)).logits.reshape(n, t + pad, -1)[:, :t]
-        else:
-            logits = model(input_ids=inputs).logits
+        logits = window_logits(model, inputs, context)
         losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
         out.append(losses.view(n, t).cpu())
     return torch.cat(out)
