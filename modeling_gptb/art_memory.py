@@ -59,7 +59,7 @@ from .art_rules import (
 
 # ART_MAX_BUFFER_BYTES: what `ARTMemory.from_pretrained` may allocate for a file's buffers unless the caller allows
 # more (1 GiB); a GPTBConfig's art_max_categories is held to the same bound.
-from .configuration_gptb import ART_MAX_BUFFER_BYTES
+from .configuration_gptb import ART_EXEMPLAR_TOKENS, ART_MAX_BUFFER_BYTES, art_buffer_bytes
 
 # The values of `ARTMemory.engine`. "auto" is the block engine everywhere until the device engine is measured faster.
 ART_ENGINES = ("auto", "block", "device")
@@ -68,8 +68,6 @@ ART_ENGINES = ("auto", "block", "device")
 # "euclidean", [(x - c) / s, lift], whose cosine is 1 - |x - y|^2 / (2 s^2 lift^2) to first order, so the cosine rule
 # decides by Euclidean distance. c and s (the mean row and the RMS distance to it) are fitted by `fit_input_transform`.
 ART_INPUT_TRANSFORMS = ("none", "center", "euclidean")
-# Tokens of the input that created each category, kept to describe it (`update(..., exemplars=...)`).
-ART_EXEMPLAR_TOKENS = 16
 # `calibration` holds: the false-positive rate, the novelty threshold, the combined-score threshold, the mean and
 # standard deviation of the calibration novelty and surprise (all 0 without surprise), the rows (0: not calibrated) and
 # the score in use (1: combined). Zeros, not NaN, mark what is absent, so that states compare equal.
@@ -1049,7 +1047,7 @@ class ARTMemory(nn.Module):
         dtype = dtype or tensors["prototypes"].dtype
         _check_exact_cast(path, tensors["prototypes"], dtype)
         stored_dim = ART_RULES[config["rule"]]().stored_dim(config["dim"] + (config["input_transform"] == "euclidean"))
-        needed = config["max_categories"] * (stored_dim * dtype.itemsize + torch.long.itemsize)
+        needed = art_buffer_bytes(config["max_categories"], stored_dim, dtype.itemsize)
         if needed > max_buffer_bytes:
             raise ValueError(
                 f"{os.fspath(path)}: max_categories={config['max_categories']} and dim={config['dim']} need "

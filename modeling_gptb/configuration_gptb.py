@@ -12,6 +12,15 @@ from .state_update import check_state_update_fields
 
 ART_RULES = ("cosine", "fuzzy")
 ART_MAX_BUFFER_BYTES = 2**30  # the bound on an ART memory's buffers: a config's, and a loaded file's by default
+ART_EXEMPLAR_TOKENS = 16  # tokens of the input that created each category, kept to describe it
+
+
+def art_buffer_bytes(max_categories: int, stored_dim: int, itemsize: int = 4) -> int:
+    """Bytes of an ART memory's per-category buffers: prototypes (`stored_dim` values of `itemsize` bytes), counts,
+    creation order and exemplar tokens (longs). What `ART_MAX_BUFFER_BYTES` bounds."""
+    return max_categories * (stored_dim * itemsize + (2 + ART_EXEMPLAR_TOKENS) * 8)
+
+
 ART_POOLINGS = ("mean", "state", "last")
 ART_INPUT_TRANSFORMS = ("none", "center", "euclidean")  # as art_memory.ART_INPUT_TRANSFORMS (tested equal)
 
@@ -284,13 +293,14 @@ class GPTBConfig(PretrainedConfig):
         if self.art_rule not in ART_RULES:
             raise ValueError(f"GPTBConfig.art_rule must be one of {ART_RULES}, got {self.art_rule!r}")
         if self.art_enabled:  # refused before the model allocates the memory's buffers (float32 prototypes)
-            stored_dim = self.n_embd * (2 if self.art_rule == "fuzzy" else 1)
-            needed = self.art_max_categories * (stored_dim * 4 + 8)
+            rule_dim = self.n_embd + (self.art_input_transform == "euclidean")  # the lift coordinate
+            stored_dim = rule_dim * (2 if self.art_rule == "fuzzy" else 1)
+            needed = art_buffer_bytes(self.art_max_categories, stored_dim)
             if needed > ART_MAX_BUFFER_BYTES:
                 raise ValueError(
                     f"GPTBConfig.art_max_categories={self.art_max_categories} with n_embd={self.n_embd} needs "
                     f"{needed:,} bytes of ART memory buffers, above the 1 GiB bound; at most "
-                    f"{ART_MAX_BUFFER_BYTES // (stored_dim * 4 + 8):,} categories"
+                    f"{ART_MAX_BUFFER_BYTES // art_buffer_bytes(1, stored_dim):,} categories"
                 )
         if self.art_pooling not in ART_POOLINGS:
             raise ValueError(f"GPTBConfig.art_pooling must be one of {ART_POOLINGS}, got {self.art_pooling!r}")

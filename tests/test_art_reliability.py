@@ -95,7 +95,7 @@ def test_a_small_file_claiming_a_huge_memory_is_refused_before_allocating(tmp_pa
     hyper = {"rule": "fuzzy", "vigilance": "0.75", "beta": "1.0", "alpha": "0.001", "num_categories": "0"}
     path.write_bytes(art_file(empty, dim="1024", max_categories="1048576", **hyper))
     assert path.stat().st_size < 20_000  # the empty novelty histogram is most of it
-    with pytest.raises(ValueError, match=r"need 8,598,323,200 bytes of buffers, above max_buffer_bytes=1,073,741,824"):
+    with pytest.raises(ValueError, match=r"need 8,740,929,536 bytes of buffers, above max_buffer_bytes=1,073,741,824"):
         ARTMemory.from_pretrained(path)
     # Sizes the allocator itself would refuse give the same clear error.
     path.write_bytes(
@@ -106,10 +106,11 @@ def test_a_small_file_claiming_a_huge_memory_is_refused_before_allocating(tmp_pa
 
 
 def test_the_caller_can_raise_the_bound(tmp_path):
-    memory, path = saved(tmp_path)  # 16 categories of 5 float32 features, plus 16 int64 counts: 448 bytes
-    with pytest.raises(ValueError, match="need 448 bytes of buffers, above max_buffer_bytes=447; pass a larger"):
-        ARTMemory.from_pretrained(tmp_path, max_buffer_bytes=447)
-    assert torch.equal(ARTMemory.from_pretrained(tmp_path, max_buffer_bytes=448).weight, memory.weight)
+    # 16 categories of 5 float32 features, plus per category an int64 count, creation step and 16 exemplar tokens
+    memory, path = saved(tmp_path)
+    with pytest.raises(ValueError, match="need 2,624 bytes of buffers, above max_buffer_bytes=2,623; pass a larger"):
+        ARTMemory.from_pretrained(tmp_path, max_buffer_bytes=2623)
+    assert torch.equal(ARTMemory.from_pretrained(tmp_path, max_buffer_bytes=2624).weight, memory.weight)
 
 
 def test_a_deeply_nested_header_gives_value_error_not_recursion_error(tmp_path):
@@ -404,3 +405,19 @@ def test_an_unpaired_art_file_beside_weights_loads_with_a_warning(tmp_path, caps
     assert cli.main(["art-report", str(folder)]) == 0
     err = capsys.readouterr().err
     assert err.count("gptb: warning:") == 1 and "names no weights" in err
+
+
+@pytest.mark.parametrize("rule, transform", [("cosine", "none"), ("cosine", "euclidean"), ("fuzzy", "none")])
+def test_the_buffer_bound_counts_every_per_category_buffer(rule, transform):
+    # What ART_MAX_BUFFER_BYTES bounds must be what a memory of that capacity allocates per category, the exemplar
+    # and creation buffers included (they grow with max_categories as the prototypes do).
+    from modeling_gptb.configuration_gptb import art_buffer_bytes
+
+    capacity, dim = 7, 5
+    memory = ARTMemory(dim, rule=rule, max_categories=capacity, input_transform=transform)
+    per_category = sum(
+        buffer.numel() * buffer.element_size()
+        for buffer in memory.buffers()
+        if buffer.dim() >= 1 and buffer.shape[0] == capacity
+    )
+    assert per_category == art_buffer_bytes(capacity, memory.weight.shape[1], memory.weight.element_size())
