@@ -112,10 +112,34 @@ def cmd_art_report(args) -> int:
     if args.save:
         if not (args.fit_on or args.calibrate_on):
             raise CLIError("--save writes a fitted or calibrated memory: pass --fit-on or --calibrate-on too")
-        # the whole model: fitting may have changed the transform (the memory's width) and the vigilance
-        model.save_pretrained(args.folder)
+        # the whole model (the memory's buffers are in the weights, and fitting may change their width), staged
+        save_model_in_place(model, Path(args.folder))
     print(format_art_report(art_report(model, tokenizer, texts)))
     return 0
+
+
+def save_model_in_place(model, folder: Path) -> None:
+    """
+    Replace the model saved in `folder` as `gptb train` does: holding the folder's lock, write the whole model to
+    `folder/.incoming`, then move it in with `config.json` last, so a kill at any point leaves the old model or the
+    new one, never a mix (the next save or `gptb train` on the folder finishes or discards the move). Files the save
+    does not write (the tokenizer, an edited card) stay.
+    """
+    from .output_folder import INCOMING, FolderInUse, FolderLock, complete_swap, publish_model
+
+    try:
+        lock = FolderLock(folder).acquire()
+    except FolderInUse as error:
+        raise CLIError(f"cannot save: {error}") from error
+    try:
+        complete_swap(folder)  # an earlier save's interrupted move
+        staging = folder / INCOMING
+        model.save_pretrained(staging)
+        if (folder / "README.md").is_file():
+            (staging / "README.md").unlink(missing_ok=True)  # keep the folder's card
+        publish_model(staging, folder)
+    finally:
+        lock.release()
 
 
 def _art_blocks(source: str, split: str, tokenizer, count: int):

@@ -323,13 +323,32 @@ def test_art_report_fits_calibrates_and_saves_the_memory(tmp_path, capsys):
         (tmp_path / name).write_text(" ".join(words[i] for i in picks), encoding="utf-8")
     args = ["art-report", str(folder), "--fit-on", str(tmp_path / "train.txt"), "--input-transform", "euclidean"]
     args += ["--vigilance", "0.9", "--calibrate-on", str(tmp_path / "held_out.txt"), "--blocks", "40", "--save"]
+    (folder / "README.md").write_text("my own card")
     assert cli.main([*args, "--text", "the model says"]) == 0
     out = capsys.readouterr().out
     assert "fitted the memory on 40 blocks" in out and "calibrated on 40 held-out in-domain sequences" in out
     assert "input euclidean" in out and "nearest category #" in out
+    assert (folder / "README.md").read_text() == "my own card"  # the save replaced the model, not the card
+    assert sorted(item.name for item in folder.iterdir() if item.name.startswith(".")) == []  # staging moved in
     model = GPTBLMHeadModel.from_pretrained(folder)  # the saved memory loads with the saved config
     assert model.art_memory.input_transform == "euclidean" and model.art_memory.calibration_report()["rows"] == 40
     assert cli.main(["art-report", str(folder), "--vigilance", "0.5"]) == 2
     assert "apply when fitting: pass --fit-on too" in one_line_error(capsys, "art-report")
     assert cli.main(["art-report", str(folder), "--fit-on", "no-such-corpus"]) == 2
     assert "neither a built-in corpus" in one_line_error(capsys, "art-report")
+
+
+def test_art_report_save_is_refused_while_a_run_holds_the_folder(tmp_path, capsys):
+    from modeling_gptb.output_folder import FolderLock
+
+    folder = save_model_folder(tmp_path / "model")
+    (tmp_path / "train.txt").write_text(" ".join(["the memory holds what the model has seen"] * 300), encoding="utf-8")
+    weights = (folder / "model.safetensors").read_bytes()
+    with FolderLock(folder):  # as a `gptb train` on this folder would
+        code = cli.main(
+            ["art-report", str(folder), "--fit-on", str(tmp_path / "train.txt"), "--blocks", "8", "--save"]
+        )
+    assert code == 2
+    err = one_line_error(capsys, "art-report")
+    assert "cannot save" in err and "is in use by another gptb train" in err, err
+    assert (folder / "model.safetensors").read_bytes() == weights and not (folder / ".incoming").exists()
