@@ -94,6 +94,21 @@ def _recall(k: int, loss: str = "query", curriculum: bool = False) -> dict:
     return spec
 
 
+def _budget(steps: int, eval_every: int, eval_batch: int = 256) -> dict:
+    """What every preset shares (the model width, M = 4, batch 64, 1,024 held-out examples, the optimiser) and its
+    training length."""
+    return {
+        "arch": _ARCH,
+        "state_size": 4,
+        "batch": 64,
+        "steps": steps,
+        "eval_every": eval_every,
+        "test_size": 1024,
+        "eval_batch": eval_batch,
+        "train": {"lr": 1e-3, "weight_decay": 0.0},
+    }
+
+
 PRESETS = {
     # ~60 min on 2 quiet cores at 1 thread: GPTB costs ~7.6 ms per window step at batch 64, forward and backward
     # (0.15 s per training step at k = 8, measured; 0.5-1.2 s when five other jobs share the cores), x 160 window
@@ -101,14 +116,7 @@ PRESETS = {
     # evaluation. k = 128 and 512 and the 64-token GPT-2 are in the `gpu` preset. The three GPTB models are the
     # recommended variant, the seed's update and the control (the other variants would double the time).
     "cpu": {
-        "arch": _ARCH,
-        "state_size": 4,
-        "batch": 64,
-        "steps": 300,
-        "eval_every": 50,
-        "test_size": 1024,
-        "eval_batch": 256,
-        "train": {"lr": 1e-3, "weight_decay": 0.0},
+        **_budget(steps=300, eval_every=50),
         "tasks": {
             "recall_k8": _recall(8),
             "recall_k32": _recall(32),
@@ -124,14 +132,7 @@ PRESETS = {
         },
     },
     "gpu": {
-        "arch": _ARCH,
-        "state_size": 4,
-        "batch": 64,
-        "steps": 3000,
-        "eval_every": 250,
-        "test_size": 1024,
-        "eval_batch": 512,
-        "train": {"lr": 1e-3, "weight_decay": 0.0},
+        **_budget(steps=3000, eval_every=250, eval_batch=512),
         "tasks": {
             **{f"recall_k{k}": _recall(k) for k in (8, 32, 128, 512)},
             "recall_k32_lm": _recall(32, "lm"),
@@ -147,14 +148,7 @@ PRESETS = {
     # curriculum and three times the steps (~10 min per GPTB seed), chosen on the validation set (`study.md`): the
     # pairs curriculum held GPT-2 at 0.56 after 4,800 steps, plain 4-pair training solved it by step 1,800.
     "curriculum": {
-        "arch": _ARCH,
-        "state_size": 4,
-        "batch": 64,
-        "steps": 1600,
-        "eval_every": 200,
-        "test_size": 1024,
-        "eval_batch": 256,
-        "train": {"lr": 1e-3, "weight_decay": 0.0},
+        **_budget(steps=1600, eval_every=200),
         "tasks": {
             "recall_k128_curriculum": _recall(128, curriculum=True),
             "mqar_4_curriculum": {
@@ -175,14 +169,7 @@ PRESETS = {
     # 16 tokens (cannot reach the key), the LSTM and the no-memory control. Untimed as a whole: the one-token GPTB
     # reads 68 window steps per sequence (~0.5 s/step at 1 thread), the others ~0.05 s/step.
     "segments": {
-        "arch": _ARCH,
-        "state_size": 4,
-        "batch": 64,
-        "steps": 1600,
-        "eval_every": 200,
-        "test_size": 1024,
-        "eval_batch": 256,
-        "train": {"lr": 1e-3, "weight_decay": 0.0},
+        **_budget(steps=1600, eval_every=200),
         "tasks": {"recall_k32": _recall(32), "recall_k32_lm": _recall(32, "lm")},
         "models": {
             **_segments(16),
