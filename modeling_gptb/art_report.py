@@ -2,6 +2,7 @@
 held-out in-domain text (`calibrate_art_memory`), and reported in words (`art_report`, `gptb art-report`).
 Design: docs/design.md#what-the-memory-sees and #calibrated-verdict."""
 
+import copy
 import math
 
 import torch
@@ -23,9 +24,9 @@ _SNIPPET_CHARS = 60
 @torch.no_grad()
 def sequence_scores(model, input_ids, attention_mask=None, batch_size: int = 32) -> dict:
     """
-    For each sequence of `input_ids` (N, T): `pooled`, the vector the memory is given (`model.art_input(model.pool(
-    ...))`, as in `forward`); `surprise`, the model's mean per-token loss over its valid next-token targets (NaN for a
-    sequence with fewer than two valid tokens). Read only; batches of `batch_size`.
+    For each sequence of `input_ids` (N, T): `pooled`, the vector the memory is given (`model.art_vectors`, as in
+    `forward`); `surprise`, the model's mean per-token loss over its valid next-token targets (NaN for a sequence with
+    fewer than two valid tokens). Read only; batches of `batch_size`.
     """
     was_training = model.training
     model.eval()
@@ -35,8 +36,8 @@ def sequence_scores(model, input_ids, attention_mask=None, batch_size: int = 32)
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size].to(device)
             mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(device)
-            outputs = model.transformer(input_ids=ids, attention_mask=mask)
-            pooled.append(model.art_input(model.pool(outputs, mask)).float())
+            outputs, vectors = model.art_vectors(ids, mask)
+            pooled.append(vectors.float())
             logits = model.lm_head(outputs.last_hidden_state)
             per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
             valid = torch.ones_like(per_token) if mask is None else (mask[:, 1:] * mask[:, :-1]).to(per_token.dtype)
@@ -59,24 +60,31 @@ def fit_art_memory(
     batch_size: int = 32,
     input_transform: str | None = None,
     vigilance: float | None = None,
+    pooling: str | None = None,
+    pool_layers: str | None = None,
 ) -> dict:
     """
     Rebuild the model's ART memory from the trained model's own states: fit the input transform on the pooled
     vectors of `input_ids` (a sample of training sequences), forget the categories learned while the representation
     was still changing, and learn these sequences in order (each new category keeps its sequence's first tokens).
 
-    `input_transform` and `vigilance`, if given, replace the config's (`art_input_transform`, `art_vigilance`; the
-    config is updated, so the model saves and loads with them): train with the default input, then fit the memory a
-    detector needs. Under `torch.distributed` each rank passes its share. Returns `{"categories": ..., "sequences":
-    ...}`.
+    `input_transform`, `vigilance`, `pooling` and `pool_layers`, if given, replace the config's
+    (`art_input_transform`, `art_vigilance`, `art_pooling`, `art_pool_layers`; the config is updated, so the model
+    saves and loads with them): train with the default input, then fit the memory a detector needs (the novelty
+    experiment's best: `pooling="mean_std_max", pool_layers="all", input_transform="standardize"`). Under
+    `torch.distributed` each rank passes its share. Returns `{"categories": ..., "sequences": ...}`.
     """
     memory = _memory(model)
     config = model.config
     transform = config.art_input_transform if input_transform is None else input_transform
     vigilance = config.art_vigilance if vigilance is None else vigilance
-    if (transform, vigilance) != (memory.input_transform, memory.vigilance):
+    wanted = copy.deepcopy(config)
+    wanted.art_pooling = config.art_pooling if pooling is None else pooling
+    wanted.art_pool_layers = config.art_pool_layers if pool_layers is None else pool_layers
+    wanted.check_values()  # a bad pooling is refused before the model changes
+    if (transform, vigilance, wanted.art_input_dim) != (memory.input_transform, memory.vigilance, memory.dim):
         memory = ARTMemory(
-            memory.dim,
+            wanted.art_input_dim,
             rule=memory.rule,
             vigilance=vigilance,
             beta=memory.beta,
@@ -89,6 +97,7 @@ def fit_art_memory(
         )  # checks the values before the model changes
         model.art_memory = memory
         config.art_input_transform, config.art_vigilance = transform, vigilance
+    config.art_pooling, config.art_pool_layers = wanted.art_pooling, wanted.art_pool_layers
     pooled = sequence_scores(model, input_ids, attention_mask, batch_size)["pooled"]
     memory.fit_input_transform(pooled)
     memory.update(pooled, exemplars=first_valid_tokens(input_ids, attention_mask))

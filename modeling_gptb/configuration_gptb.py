@@ -21,7 +21,11 @@ def art_buffer_bytes(max_categories: int, stored_dim: int, itemsize: int = 4) ->
     return max_categories * (stored_dim * itemsize + (2 + ART_EXEMPLAR_TOKENS) * 8)
 
 
-ART_POOLINGS = ("mean", "state", "last")
+ART_POOLINGS = ("mean", "state", "last", "mean_std_max")
+ART_POOL_LAYERS = (
+    "last",
+    "all",
+)  # which hidden states art_pooling pools: the last layer, or the embeddings and every layer
 ART_INPUT_TRANSFORMS = ("none", "center", "euclidean")  # as art_memory.ART_INPUT_TRANSFORMS (tested equal)
 
 # GPT-2 config keys that GPTB has no use for; dropped when converting a GPT-2 config.
@@ -102,7 +106,11 @@ class GPTBConfig(PretrainedConfig):
         art_alpha (`float`, defaults to 1e-3): Fuzzy ART's choice parameter (> 0).
         art_max_categories (`int`, defaults to 1024): capacity of the memory.
         art_pooling (`str`, defaults to `"mean"`): `"mean"` (valid steps of the last layer at the token position),
-            `"state"` (mean of the final state's slots) or `"last"` (the last valid step).
+            `"state"` (mean of the final state's slots), `"last"` (the last valid step) or `"mean_std_max"` (the mean,
+            standard deviation and maximum over the valid steps, concatenated).
+        art_pool_layers (`str`, defaults to `"last"`): which hidden states the pooling reads: `"last"` (the last
+            layer's output) or `"all"` (the embeddings and every layer's output, concatenated); the memory's width is
+            `art_input_dim`.
         art_input_transform (`str`, defaults to `"none"`): what the memory's rule sees of the pooled vector:
             `"none"`, `"center"` or `"euclidean"` (docs/design.md#what-the-memory-sees); the last two are fitted
             by `fit_art_memory`.
@@ -167,6 +175,7 @@ class GPTBConfig(PretrainedConfig):
         art_alpha=1e-3,
         art_max_categories=1024,
         art_pooling="mean",
+        art_pool_layers="last",
         art_input_transform="none",
         art_lift=4.0,
         art_loss_weight=0.0,
@@ -209,6 +218,7 @@ class GPTBConfig(PretrainedConfig):
         self.art_alpha = art_alpha
         self.art_max_categories = art_max_categories
         self.art_pooling = art_pooling
+        self.art_pool_layers = art_pool_layers
         self.art_input_transform = art_input_transform
         self.art_lift = art_lift
         self.art_loss_weight = art_loss_weight
@@ -229,6 +239,15 @@ class GPTBConfig(PretrainedConfig):
         if self.segment_length == 1:
             return self.state_size + 1
         return 2 * self.state_size + self.segment_length
+
+    @property
+    def art_input_dim(self) -> int:
+        """Width of the pooled vector the ART memory is given (docs/design.md#art-inside-gptb)."""
+        if self.art_pooling == "state":
+            return self.n_embd
+        statistics = 3 if self.art_pooling == "mean_std_max" else 1
+        layers = self.n_layer + 1 if self.art_pool_layers == "all" else 1
+        return self.n_embd * statistics * layers
 
     def check_values(self):
         """Raise a `ValueError` naming the first field outside its allowed range."""
@@ -293,17 +312,27 @@ class GPTBConfig(PretrainedConfig):
         if self.art_rule not in ART_RULES:
             raise ValueError(f"GPTBConfig.art_rule must be one of {ART_RULES}, got {self.art_rule!r}")
         if self.art_enabled:  # refused before the model allocates the memory's buffers (float32 prototypes)
-            rule_dim = self.n_embd + (self.art_input_transform == "euclidean")  # the lift coordinate
+            rule_dim = self.art_input_dim + (self.art_input_transform == "euclidean")  # the lift coordinate
             stored_dim = rule_dim * (2 if self.art_rule == "fuzzy" else 1)
             needed = art_buffer_bytes(self.art_max_categories, stored_dim)
             if needed > ART_MAX_BUFFER_BYTES:
                 raise ValueError(
-                    f"GPTBConfig.art_max_categories={self.art_max_categories} with n_embd={self.n_embd} needs "
+                    f"GPTBConfig.art_max_categories={self.art_max_categories} with art_input_dim="
+                    f"{self.art_input_dim} needs "
                     f"{needed:,} bytes of ART memory buffers, above the 1 GiB bound; at most "
                     f"{ART_MAX_BUFFER_BYTES // art_buffer_bytes(1, stored_dim):,} categories"
                 )
         if self.art_pooling not in ART_POOLINGS:
             raise ValueError(f"GPTBConfig.art_pooling must be one of {ART_POOLINGS}, got {self.art_pooling!r}")
+        if self.art_pool_layers not in ART_POOL_LAYERS:
+            raise ValueError(
+                f"GPTBConfig.art_pool_layers must be one of {ART_POOL_LAYERS}, got {self.art_pool_layers!r}"
+            )
+        if self.art_pooling == "state" and self.art_pool_layers != "last":
+            raise ValueError(
+                "GPTBConfig.art_pooling='state' pools the final state, not the layers' outputs: "
+                f"art_pool_layers must be 'last', got {self.art_pool_layers!r}"
+            )
         if not isinstance(self.activation_function, str) or self.activation_function not in ACT2FN:
             raise ValueError(
                 f"GPTBConfig.activation_function must be one of transformers' activations "

@@ -149,7 +149,7 @@ def render_model_card(
         "art_vigilance": art("vigilance", "g"),
         "art_beta": art("beta", "g") if art("beta") != NA else "the rule's default",
         "art_max_categories": art("max_categories", ","),
-        "art_pooling": art("pooling"),
+        "art_pooling": art("pooling") + (" over every layer" if values.get("art_pool_layers") == "all" else ""),
         "art_loss_weight": art("loss_weight", "g"),
         "art_num_categories": _fmt(art_report.get("num_categories"), ","),
         "art_extra": _extra_rows(art_report, _ART_KEYS),

@@ -739,6 +739,46 @@ def _skipped_rows_filled(art: ARTOutput, kept: torch.Tensor) -> ARTOutput:
     return ARTOutput(*filled)
 
 
+def pool_steps(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool `hidden` (B, T, D) over the steps where `mask` (B, T) is 1: `"mean"`, `"last"` (the last valid step, step 0
+    if none) or `"mean_std_max"` ([mean, population standard deviation, maximum], (B, 3D); zeros for a row without a
+    valid step). docs/design.md#art-inside-gptb"""
+    steps = hidden.shape[1]
+    if pooling == "last":
+        last = (mask * torch.arange(1, steps + 1, device=hidden.device)).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    weights = (mask / mask.sum(dim=1, keepdim=True).clamp(min=1)).to(hidden.dtype)
+    mean = torch.einsum("bt,btd->bd", weights, hidden)
+    if pooling == "mean":
+        return mean
+    variance = torch.einsum("bt,btd->bd", weights, (hidden - mean[:, None]).square())
+    positive = variance > 0
+    std = torch.where(positive, variance, 1.0).sqrt() * positive  # sqrt's gradient at 0 would be inf
+    valid = mask.bool()[:, :, None]
+    maximum = hidden.masked_fill(~valid, float("-inf")).amax(dim=1)
+    maximum = torch.where(valid.any(dim=1), maximum, 0.0)
+    return torch.cat([mean, std, maximum], dim=-1)
+
+
+def pool_outputs(outputs: GPTBModelOutput, attention_mask, pooling: str, pool_layers: str) -> torch.Tensor:
+    """`pooling` (`art_pooling`) of each sequence over the valid steps of `pool_layers` (`art_pool_layers`: `"all"`
+    reads `outputs.hidden_states`), concatenated over the layers. docs/design.md#art-inside-gptb"""
+    if pooling == "state":
+        return outputs.past_hidden_states.mean(dim=1)
+    layers = (outputs.last_hidden_state,)
+    if pool_layers == "all":
+        if outputs.hidden_states is None:
+            raise ValueError(
+                "art_pool_layers='all' pools every layer: run the transformer with output_hidden_states=True"
+            )
+        layers = outputs.hidden_states
+    hidden = outputs.last_hidden_state
+    mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=hidden.dtype)
+    if attention_mask is not None:
+        mask = attention_mask[:, -hidden.shape[1] :].to(device=hidden.device, dtype=hidden.dtype)
+    return torch.cat([pool_steps(layer, mask, pooling) for layer in layers], dim=-1)
+
+
 class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
     """
     GPTB with GPT-2's language-modelling head (tied to `wte`). Works with `generate()` (the state is the cache, so each
@@ -760,7 +800,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         self.art_memory = None
         if config.art_enabled:
             self.art_memory = ARTMemory(
-                config.n_embd,
+                config.art_input_dim,
                 rule=config.art_rule,
                 vigilance=config.art_vigilance,
                 beta=config.art_beta,
@@ -877,6 +917,9 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             )  # fmt: skip
             if decoded is not None:
                 return decoded
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         outputs = self.transformer(
             input_ids,
             past_hidden_states=past_hidden_states,
@@ -884,7 +927,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=output_hidden_states or (art_mode != "off" and self.pools_every_layer),
             output_attentions=output_attentions,
             token_type_ids=token_type_ids,
             write_partial_segment=write_partial_segment,
@@ -902,16 +945,17 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
                 if art is not None and self.config.art_loss_weight > 0:
                     loss = loss + self.config.art_loss_weight * self._art_coupling_loss(pooled, art)
 
+        hidden_states = outputs.hidden_states if output_hidden_states else None  # not those only the pooling read
         if not return_dict:
             output = (logits, outputs.past_hidden_states)
-            output += tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            output += tuple(v for v in (hidden_states, outputs.attentions) if v is not None)
             return ((loss,) + output) if loss is not None else output
         return GPTBCausalLMOutput(
             loss=loss,
             logits=logits,
             past_hidden_states=outputs.past_hidden_states,
             cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
+            hidden_states=hidden_states,
             attentions=outputs.attentions,
             art_category=None if art is None else art.category,
             art_status=None if art is None else art.status,
@@ -1002,20 +1046,25 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             kept = memory_call(memory_input[has_steps], has_steps.to(memory_input.device))
             return _skipped_rows_filled(kept, has_steps), pooled
 
+    @property
+    def pools_every_layer(self) -> bool:
+        """Whether `pool` reads every layer's hidden states (`config.art_pool_layers="all"`): the transformer must
+        then be called with `output_hidden_states=True`."""
+        return self.config.art_pool_layers == "all" and self.config.art_pooling != "state"
+
     def pool(self, outputs: GPTBModelOutput, attention_mask=None) -> torch.Tensor:
-        """The `(batch_size, n_embd)` representation of each sequence chosen by `config.art_pooling`."""
-        hidden = outputs.last_hidden_state
-        steps = hidden.shape[1]
-        if self.config.art_pooling == "state":
-            return outputs.past_hidden_states.mean(dim=1)
-        mask = torch.ones(hidden.shape[:2], device=hidden.device)
-        if attention_mask is not None:
-            mask = attention_mask[:, -steps:].to(device=hidden.device, dtype=hidden.dtype)
-        if self.config.art_pooling == "last":
-            last = (mask * torch.arange(1, steps + 1, device=hidden.device)).argmax(dim=1)
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
-        return torch.einsum("bt,btd->bd", weights.to(hidden.dtype), hidden)
+        """The `(batch_size, config.art_input_dim)` representation of each sequence: `config.art_pooling` over the
+        valid steps of `config.art_pool_layers`."""
+        return pool_outputs(outputs, attention_mask, self.config.art_pooling, self.config.art_pool_layers)
+
+    @torch.no_grad()
+    def art_vectors(self, input_ids, attention_mask=None) -> tuple[GPTBModelOutput, torch.Tensor]:
+        """The transformer's outputs for `input_ids` and what `forward` gives the memory for each sequence
+        (`art_input(pool(...))`), without touching the memory: for scoring, fitting and reports."""
+        outputs = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.pools_every_layer
+        )
+        return outputs, self.art_input(self.pool(outputs, attention_mask))
 
     def art_input(self, pooled: torch.Tensor) -> torch.Tensor:
         """What the memory sees: the pooled vector for `cosine`; squashed into [0, 1] by a sigmoid for `fuzzy`."""

@@ -57,7 +57,7 @@ def test_from_gpt2_config_converts_and_overrides():
         (dict(art_vigilance=2.0), r"art_vigilance must be a number in \[0, 1\]"),
         (dict(art_beta=-1.0), r"art_beta must be a number in \[0, 1\]"),
         (dict(art_rule="hebbian"), r"art_rule must be one of \('cosine', 'fuzzy'\)"),
-        (dict(art_pooling="max"), r"art_pooling must be one of \('mean', 'state', 'last'\)"),
+        (dict(art_pooling="max"), r"art_pooling must be one of \('mean', 'state', 'last', 'mean_std_max'\)"),
         (dict(art_alpha=0.0), r"art_alpha must be > 0"),
         (dict(art_max_categories=0), r"art_max_categories must be an integer >= 1"),
         (dict(art_loss_weight=-1.0), r"art_loss_weight must be >= 0"),

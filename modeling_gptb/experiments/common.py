@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from modeling_gptb import GPTBConfig, GPTBLMHeadModel
 from modeling_gptb.data import load_corpus, tokenize_and_chunk
+from modeling_gptb.modeling_gptb import pool_outputs
 from modeling_gptb.output_folder import crash_point
 from modeling_gptb.throughput import state_update_flops
 from modeling_gptb.tokenization import _bytes_to_unicode, byte_tokenizer, token_config_kwargs, train_tokenizer
@@ -309,25 +310,30 @@ def loss_metrics(losses: torch.Tensor, blocks: torch.Tensor, byte_lengths: torch
 
 
 @torch.no_grad()
-def embeddings(model, blocks: torch.Tensor, batch_size: int, art: bool = True) -> dict:
-    """Pooled representation (what ART sees), ART novelty (read only) and mean per-token loss of each block."""
+def embeddings(model, blocks: torch.Tensor, batch_size: int, art: bool = True, poolings: Iterable = ()) -> dict:
+    """Pooled representation (what ART sees), ART novelty (read only) and mean per-token loss of each block; for each
+    `(art_pooling, art_pool_layers)` pair in `poolings`, `result[pair]` pools the same outputs that way."""
     dev = device()
     model.eval()
-    pooled, novelty, loss = [], [], []
-    for start in range(0, len(blocks), batch_size):
-        x = blocks[start : start + batch_size].to(dev)
-        outputs = model.transformer(input_ids=x)
-        vectors = model.art_input(model.pool(outputs))  # exactly what forward() feeds the memory
-        pooled.append(vectors.float().cpu())
-        if art:
-            novelty.append(model.art_memory.novelty(vectors).float().cpu())
-        logits = model.lm_head(outputs.last_hidden_state)
-        per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")
-        loss.append(per_token.mean(dim=1).cpu())
-    result = {"pooled": torch.cat(pooled), "loss": torch.cat(loss)}
-    if art:
-        result["art_novelty"] = torch.cat(novelty)
-    return result
+    poolings = list(poolings)
+    columns = {key: [] for key in ["pooled", "loss", *poolings] + (["art_novelty"] if art else [])}
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            x = blocks[start : start + batch_size].to(dev)
+            if poolings:
+                outputs = model.transformer(input_ids=x, output_hidden_states=True)
+                vectors = model.art_input(model.pool(outputs))
+                for key in poolings:
+                    columns[key].append(pool_outputs(outputs, None, *key).float().cpu())
+            else:
+                outputs, vectors = model.art_vectors(x)  # exactly what forward() feeds the memory
+            columns["pooled"].append(vectors.float().cpu())
+            if art:
+                columns["art_novelty"].append(model.art_memory.novelty(vectors).float().cpu())
+            logits = model.lm_head(outputs.last_hidden_state)
+            per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), x[:, 1:], reduction="none")
+            columns["loss"].append(per_token.mean(dim=1).cpu())
+    return {key: torch.cat(values) for key, values in columns.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

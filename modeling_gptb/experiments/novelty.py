@@ -7,13 +7,14 @@ language; left out, and said so, where the machine has none) and `random-chars` 
 generated from the seed). Scores, each higher = more novel:
 
 - `art_training`: the memory as learned during training (its prototypes describe earlier representations);
-- `art[T]` for each input transform T (`none`, today's input; `center`; `euclidean`;
-  docs/design.md#what-the-memory-sees): a memory fitted to the final model (`fit_input_transform` then `update` on
-  `train_reference_blocks` training blocks), read only;
-- `nn_cosine[T]` (baseline): 1 - cosine similarity to the nearest training block, on the same transformed embeddings
+- `art[I]` for each input I of `INPUTS`: the pooling (`art_pooling`, `art_pool_layers`) and the input transform
+  (docs/design.md#what-the-memory-sees): `mean` (today's input), `mean+center`, `mean+euclidean`, and the mean, spread
+  and maximum of every layer (`all+...`) with the `euclidean` or the `standardize` transform; a memory fitted to the
+  final model (`fit_input_transform` then `update` on `train_reference_blocks` training blocks), read only;
+- `nn_cosine[I]` (baseline): 1 - cosine similarity to the nearest training block, on the same transformed embeddings
   (for `euclidean` close to the nearest Euclidean distance); `nn_l2`: the nearest Euclidean distance, raw;
 - `loss` (baseline): the model's own mean per-token loss on the block;
-- `combined`: the calibrated combined score of `art[euclidean]` and the loss (docs/design.md#calibrated-verdict).
+- `combined`: the calibrated combined score of `art[all+standardize]` and the loss (docs/design.md#calibrated-verdict).
 
 Held-out A is split in two: `calibration_blocks` blocks calibrate the verdict (5% false positives) and choose nothing
 else; the rest are the test negatives. The vigilance per transform was chosen on validation splits (a 400-step probe
@@ -41,16 +42,30 @@ from modeling_gptb.data import SYSTEM_MAN_ROOT, _read_system_doc
 from . import common
 
 NAME = "novelty"
-TRANSFORMS = ("none", "center", "euclidean")
+# What the fitted memories see (docs/design.md#what-the-memory-sees): name -> (art_pooling, art_pool_layers,
+# input_transform). "mean" is today's input (the last layer's mean, untransformed).
+INPUTS = {
+    "mean": ("mean", "last", "none"),
+    "mean+center": ("mean", "last", "center"),
+    "mean+euclidean": ("mean", "last", "euclidean"),
+    "all+euclidean": ("mean_std_max", "all", "euclidean"),
+    "all+standardize": ("mean_std_max", "all", "standardize"),
+}
+COMBINED_INPUT = "all+standardize"  # the memory the combined verdict uses: the best input on the validation probe
 METHODS = (
     "art_training",
-    *(f"art[{t}]" for t in TRANSFORMS),
-    *(f"nn_cosine[{t}]" for t in TRANSFORMS),
+    *(f"art[{name}]" for name in INPUTS),
+    *(f"nn_cosine[{name}]" for name in INPUTS),
     "nn_l2",
     "loss",
     "combined",
 )
 GERMAN_ROOT = SYSTEM_MAN_ROOT / "de"
+
+# Chosen on validation splits only (a probe of the cpu preset, seed 0, in-domain training documents past the
+# training cap and novel blocks past the test blocks): high enough to tell the domains apart, low enough that the
+# memory stays well below capacity.
+VIGILANCE = {"mean": 0.9, "mean+center": 0.9, "mean+euclidean": 0.95, "all+euclidean": 0.95, "all+standardize": 0.85}
 
 PRESETS = {
     "cpu": {
@@ -62,7 +77,7 @@ PRESETS = {
         "arch": {"n_embd": 128, "n_layer": 2, "n_head": 4},
         "state_size": 8,
         "art": {"art_vigilance": 0.9, "art_max_categories": 512},
-        "vigilance": {"none": 0.9, "center": 0.9, "euclidean": 0.95},
+        "vigilance": VIGILANCE,
         "lift": 4.0,
         "fpr": 0.05,
         "tokens_per_step": 1024,
@@ -83,7 +98,7 @@ PRESETS = {
         "arch": {"n_embd": 384, "n_layer": 6, "n_head": 6},
         "state_size": 8,
         "art": {"art_vigilance": 0.9, "art_max_categories": 2048},
-        "vigilance": {"none": 0.9, "center": 0.9, "euclidean": 0.95},
+        "vigilance": VIGILANCE,
         "lift": 4.0,
         "fpr": 0.05,
         "tokens_per_step": 8192,
@@ -104,7 +119,7 @@ PRESETS = {
         "arch": {"n_embd": 32, "n_layer": 1, "n_head": 2},
         "state_size": 2,
         "art": {"art_vigilance": 0.9, "art_max_categories": 64},
-        "vigilance": {"none": 0.9, "center": 0.9, "euclidean": 0.95},
+        "vigilance": VIGILANCE,
         "lift": 4.0,
         "fpr": 0.05,
         "tokens_per_step": 128,
@@ -162,12 +177,12 @@ def novel_texts(domain: str, max_chars: int) -> list[str]:
     return common.load_texts(domain, "validation", max_chars)
 
 
-def fitted_memory(pooled: torch.Tensor, transform: str, p: dict) -> ARTMemory:
+def fitted_memory(pooled: torch.Tensor, name: str, p: dict) -> ARTMemory:
     memory = ARTMemory(
         pooled.shape[1],
-        vigilance=p["vigilance"][transform],
+        vigilance=p["vigilance"][name],
         max_categories=p["art"]["art_max_categories"],
-        input_transform=transform,
+        input_transform=INPUTS[name][2],
         lift=p["lift"],
         dtype=torch.float64,
     )
@@ -179,6 +194,14 @@ def fitted_memory(pooled: torch.Tensor, transform: str, p: dict) -> ARTMemory:
 def seen_by_rule(memory: ARTMemory, pooled: torch.Tensor) -> torch.Tensor:
     """What the memory's rule compares: the transformed rows (for the baseline on the same embeddings)."""
     return memory._check_x(pooled.double())
+
+
+def input_rows(e: dict, name: str) -> torch.Tensor:
+    """The pooled rows of input `name` from `common.embeddings(..., poolings=POOLINGS)`."""
+    return e[INPUTS[name][:2]].double()
+
+
+POOLINGS = sorted({spec[:2] for spec in INPUTS.values()})
 
 
 def run(preset: str, seeds: list[int], out: Path) -> dict:
@@ -215,31 +238,33 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
         model = common.gptb_model(tokenizer, p["arch"], state_size=p["state_size"], art_enabled=True, **p["art"])
         batches = common.BatchStream(train_stream, p["tokens_per_step"], seed)
         history = common.train_model(model, batches, p["block"], p["steps"], p["train"], desc=f"train A seed {seed}")
-        ref = common.embeddings(model, reference, p["eval_batch"])
-        memories = {t: fitted_memory(ref["pooled"], t, p) for t in TRANSFORMS}
-        calib = common.embeddings(model, calibration_blocks, p["eval_batch"], art=False)
-        combined_memory = memories["euclidean"]
-        calibration = combined_memory.calibrate(calib["pooled"].double(), fpr=p["fpr"], surprise=calib["loss"])
-        novelty_only = fitted_memory(ref["pooled"], "euclidean", p)
-        novelty_only.calibrate(calib["pooled"].double(), fpr=p["fpr"])
+        ref = common.embeddings(model, reference, p["eval_batch"], poolings=POOLINGS)
+        memories = {name: fitted_memory(input_rows(ref, name), name, p) for name in INPUTS}
+        calib = common.embeddings(model, calibration_blocks, p["eval_batch"], art=False, poolings=POOLINGS)
+        combined_memory = memories[COMBINED_INPUT]
+        calib_rows = input_rows(calib, COMBINED_INPUT)
+        calibration = combined_memory.calibrate(calib_rows, fpr=p["fpr"], surprise=calib["loss"])
+        novelty_only = fitted_memory(input_rows(ref, COMBINED_INPUT), COMBINED_INPUT, p)
+        novelty_only.calibrate(calib_rows, fpr=p["fpr"])
         scores, flagged = {}, {}
         for domain, blocks in test.items():
-            e = common.embeddings(model, blocks, p["eval_batch"])
-            pooled = e["pooled"].double()
+            e = common.embeddings(model, blocks, p["eval_batch"], poolings=POOLINGS)
             s = {"art_training": e["art_novelty"]}
-            for t, memory in memories.items():
-                s[f"art[{t}]"] = memory.novelty(pooled).float()
-                s[f"nn_cosine[{t}]"] = nn_cosine_distance(
-                    seen_by_rule(memory, ref["pooled"]), seen_by_rule(memory, pooled)
+            for name, memory in memories.items():
+                rows = input_rows(e, name)
+                s[f"art[{name}]"] = memory.novelty(rows).float()
+                s[f"nn_cosine[{name}]"] = nn_cosine_distance(
+                    seen_by_rule(memory, input_rows(ref, name)), seen_by_rule(memory, rows)
                 )
-            s["nn_l2"] = nn_l2_distance(ref["pooled"], pooled)
+            s["nn_l2"] = nn_l2_distance(ref["pooled"], e["pooled"].double())
             s["loss"] = e["loss"]
-            verdict = combined_memory.verdict(s["art[euclidean]"], e["loss"])
+            art_best = s[f"art[{COMBINED_INPUT}]"]
+            verdict = combined_memory.verdict(art_best, e["loss"])
             s["combined"] = verdict["score"].float()
             scores[domain] = s
             flagged[domain] = {
                 "combined": float(verdict["novel"].double().mean()),
-                "art[euclidean]": float(novelty_only.verdict(s["art[euclidean]"])["novel"].double().mean()),
+                f"art[{COMBINED_INPUT}]": float(novelty_only.verdict(art_best)["novel"].double().mean()),
             }
         metrics = {}
         for domain in novel_domains:
@@ -257,7 +282,7 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
                 {
                     "seed": seed,
                     "art_categories": model.art_memory.num_categories,
-                    "fitted_categories": {t: memory.num_categories for t, memory in memories.items()},
+                    "fitted_categories": {name: memory.num_categories for name, memory in memories.items()},
                     "calibration": calibration,
                     "flagged_at_calibrated_threshold": flagged,
                     "final_train_loss": history["train_loss"][-1],
@@ -288,7 +313,14 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
     )
 
 
-ROC_METHODS = ("art[none]", "art[euclidean]", "nn_cosine[euclidean]", "loss", "combined")
+ROC_METHODS = (
+    "art[mean]",
+    "art[mean+euclidean]",
+    f"art[{COMBINED_INPUT}]",
+    f"nn_cosine[{COMBINED_INPUT}]",
+    "loss",
+    "combined",
+)
 
 
 def _plots(result: dict, out: Path) -> None:
@@ -350,13 +382,15 @@ def _report(result: dict, out: Path) -> None:
     flagged_rows = []
     for domain in [p["domain_a"], *result["summary"]]:
         cells = [domain + (" (in-domain: false alarms)" if domain == p["domain_a"] else "")]
-        for method in ("combined", "art[euclidean]"):
+        for method in ("combined", f"art[{COMBINED_INPUT}]"):
             values = [r["flagged_at_calibrated_threshold"][domain][method] for r in result["per_seed"]]
             cells.append(common.fmt(*common.mean_std(values), digits=2))
         flagged_rows.append(cells)
-    flagged = common.markdown_table(["held-out set", "flagged: combined", "flagged: art[euclidean]"], flagged_rows)
+    flagged = common.markdown_table(
+        ["held-out set", "flagged: combined", f"flagged: art[{COMBINED_INPUT}]"], flagged_rows
+    )
     cats = [r["art_categories"] for r in result["per_seed"]]
-    fitted = {t: [r["fitted_categories"][t] for r in result["per_seed"]] for t in TRANSFORMS}
+    fitted = {name: [r["fitted_categories"][name] for r in result["per_seed"]] for name in INPUTS}
     best = {
         domain: max(methods, key=lambda m: methods[m]["auroc_mean"]) for domain, methods in result["summary"].items()
     }
@@ -370,7 +404,7 @@ def _report(result: dict, out: Path) -> None:
             f"{p['block']} tokens, {p['test_blocks']} per set ({p['calibration_blocks']} more held-out "
             f"`{p['domain_a']}` blocks calibrate the verdict at {p['fpr']:.0%} false positives). Categories: learned "
             f"during training (vigilance {p['art']['art_vigilance']}, capacity {p['art']['art_max_categories']}) "
-            f"{cats}; fitted to the final model per transform (vigilance {p['vigilance']}) {fitted}."
+            f"{cats}; fitted to the final model per input (vigilance {p['vigilance']}) {fitted}."
             + (f" Left out: {skipped}." if skipped else ""),
             "## Detection (mean ± s.d. over seeds; novel set = positive class)\n\n" + table,
             "## The calibrated verdict (share of each held-out set called novel at the 5% threshold)\n\n" + flagged,
