@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         "or a text file",
     )
     report.add_argument(
-        "--input-transform", choices=("none", "center", "euclidean"), help="with --fit-on: what the memory sees"
+        "--input-transform",
+        choices=("none", "center", "euclidean", "standardize"),  # ART_INPUT_TRANSFORMS, without importing torch
+        help="with --fit-on: what the memory sees",
     )
     report.add_argument("--vigilance", type=float, help="with --fit-on: the memory's vigilance")
     report.add_argument(

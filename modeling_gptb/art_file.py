@@ -1,9 +1,11 @@
 """
-The `art_memory.safetensors` file: safetensors with tensors `prototypes`, `counts` and `novelty_histogram` (and from
-format version 3 the fitted input transform, the calibration and what describes each category: `VERSION_3_TENSORS`),
-and in its metadata the hyperparameters, the format version, optionally the sha256 of each weights file saved with the
+The `art_memory.safetensors` file: safetensors with tensors `prototypes`, `counts` and `novelty_histogram` (from
+format version 3 also the fitted input transform, the calibration and what describes each category:
+`VERSION_3_TENSORS`; from version 4 the per-dimension scale of the `standardize` transform: `VERSION_4_TENSORS`), and
+in its metadata the hyperparameters, the format version, optionally the sha256 of each weights file saved with the
 memory (`weights_sha256`), and a checksum (`sha256`) over all of the metadata and the tensor data. Version 2 files
-(written before the input transform existed) load as memories with `input_transform="none"`, uncalibrated. Design:
+(written before the input transform existed) load as memories with `input_transform="none"`, uncalibrated; version 3
+files (before `standardize`) with a per-dimension scale of ones. Design:
 `docs/design.md#art_memorysafetensors`.
 """
 
@@ -18,10 +20,11 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from .art_rules import ART_RULES, _check_alpha, _check_int, _check_rule, _check_unit
+from .configuration_gptb import ART_INPUT_TRANSFORMS, art_rule_dim
 
 ART_MEMORY_FILE = "art_memory.safetensors"
 ART_FORMAT = "gptb-art-memory"
-ART_FORMAT_VERSION = 3
+ART_FORMAT_VERSION = 4
 # Tensors a version 3 file adds (k: categories, d: dim): name -> (dtype, shape from k and d). Their values are checked
 # as far as a reader relies on them; NaN in `calibration` means "not calibrated".
 VERSION_3_TENSORS = {
@@ -33,6 +36,10 @@ VERSION_3_TENSORS = {
     "category_created": (torch.long, lambda k, d: (k,)),
     "category_exemplars": (torch.long, lambda k, d: (k, 16)),
 }
+# Version 4 adds the `standardize` transform's per-dimension scale (ones for the other transforms).
+VERSION_4_TENSORS = {"input_dim_scale": (torch.float, lambda k, d: (d,))}
+# The input transforms each version's `input_transform` may name.
+_FILE_TRANSFORMS = {"3": ("none", "center", "euclidean"), "4": ART_INPUT_TRANSFORMS}
 _DEFAULT_LIFT = 4.0
 # The novelty of every row a memory learned from, counted in NOVELTY_BINS equal bins over [0, NOVELTY_RANGE].
 NOVELTY_BINS, NOVELTY_RANGE = 2000, 2.0
@@ -123,10 +130,14 @@ _METADATA_FIELDS = {
     "num_categories": lambda v: _check_int("num_categories", int(v), minimum=0),
 }
 _OPTIONAL_FIELDS = {"weights_sha256": _parse_weights_sha256}
-_VERSION_3_FIELDS = {
-    "input_transform": lambda v: _check_choice("input_transform", v, ("none", "center", "euclidean")),
-    "lift": lambda v: _check_alpha(float(v), "lift"),
-}
+
+
+def _version_3_fields(version: str) -> dict:
+    """The metadata fields from version 3 on: the input transform (those `version` knows) and the lift."""
+    return {
+        "input_transform": lambda v: _check_choice("input_transform", v, _FILE_TRANSFORMS[version]),
+        "lift": lambda v: _check_alpha(float(v), "lift"),
+    }
 
 
 def _check_choice(name: str, value: str, choices: tuple) -> str:
@@ -174,14 +185,14 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     if version == "1":
         raise problem(
             "format version 1, whose checksum does not cover the hyperparameters, so they cannot be verified; "
-            f"this code reads version {ART_FORMAT_VERSION} only"
+            f"this code reads versions 2 to {ART_FORMAT_VERSION} only"
         )
-    if version not in ("2", str(ART_FORMAT_VERSION)):
+    if version not in ("2", "3", str(ART_FORMAT_VERSION)):
         raise problem(
-            f"unsupported format version {version!r} (this code reads versions 2 and {ART_FORMAT_VERSION}); upgrade "
+            f"unsupported format version {version!r} (this code reads versions 2 to {ART_FORMAT_VERSION}); upgrade "
             "the code that reads it"
         )
-    fields = dict(_METADATA_FIELDS) | (_VERSION_3_FIELDS if version == "3" else {})
+    fields = dict(_METADATA_FIELDS) | (_version_3_fields(version) if version != "2" else {})
     missing = [key for key in (*fields, "sha256") if key not in metadata]
     if missing:
         raise problem(f"metadata lacks {missing}")
@@ -196,9 +207,8 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         except ValueError as exc:
             raise problem(f"bad metadata {key}={metadata[key]!r}: {exc}") from None
 
-    expected_names = sorted(
-        ["counts", "novelty_histogram", "prototypes", *(VERSION_3_TENSORS if version == "3" else ())]
-    )
+    added = _added_tensors(version)
+    expected_names = sorted(["counts", "novelty_histogram", "prototypes", *added])
     if sorted(tensors) != expected_names:
         raise problem(f"expected tensors {expected_names}, found {sorted(tensors)}")
     histogram = tensors["novelty_histogram"]
@@ -209,8 +219,7 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         )
     prototypes, counts = tensors["prototypes"], tensors["counts"]
     k = config["num_categories"]
-    rule_dim = config["dim"] + (config["input_transform"] == "euclidean")
-    expected = (k, ART_RULES[config["rule"]]().stored_dim(rule_dim))
+    expected = (k, ART_RULES[config["rule"]]().stored_dim(art_rule_dim(config["dim"], config["input_transform"])))
     if not prototypes.is_floating_point() or tuple(prototypes.shape) != expected:
         raise problem(
             f"prototypes are {prototypes.dtype} of shape {tuple(prototypes.shape)}; expected floats of shape "
@@ -226,13 +235,21 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         raise problem("fuzzy prototypes outside [0, 1]")
     if config["input_transform"] != "none" and config["rule"] != "cosine":
         raise problem(f"input_transform {config['input_transform']!r} with rule {config['rule']!r}; it needs 'cosine'")
-    if version == "3":
-        _check_version_3_tensors(tensors, k, config["dim"], problem)
+    if added:
+        _check_added_tensors(tensors, added, k, config["dim"], problem)
+    dim_scale = tensors.get("input_dim_scale")
+    if dim_scale is not None and config["input_transform"] != "standardize" and not (dim_scale == 1).all():
+        raise problem(f"input_dim_scale must be all ones for input_transform {config['input_transform']!r}")
     return config, tensors
 
 
-def _check_version_3_tensors(tensors: dict, k: int, dim: int, problem) -> None:
-    for name, (kind, shape_of) in VERSION_3_TENSORS.items():
+def _added_tensors(version: str) -> dict:
+    """The tensors a file of `version` holds beyond version 2's, by name (see `VERSION_3_TENSORS`)."""
+    return {"2": {}, "3": VERSION_3_TENSORS}.get(version, VERSION_3_TENSORS | VERSION_4_TENSORS)
+
+
+def _check_added_tensors(tensors: dict, added: dict, k: int, dim: int, problem) -> None:
+    for name, (kind, shape_of) in added.items():
         tensor, shape = tensors[name], shape_of(k, dim)
         right_kind = tensor.is_floating_point() if kind == torch.float else tensor.dtype == torch.long
         if not right_kind or tuple(tensor.shape) != shape:
@@ -242,6 +259,9 @@ def _check_version_3_tensors(tensors: dict, k: int, dim: int, problem) -> None:
         raise problem("input_center must be finite and input_scale >= 0")
     if tensors["rows_seen"][0] < 0 or (tensors["category_exemplars"] < -1).any():
         raise problem("rows_seen must be >= 0 and category_exemplars token ids >= -1")
+    dim_scale = tensors.get("input_dim_scale")
+    if dim_scale is not None and not (torch.isfinite(dim_scale).all() and (dim_scale > 0).all()):
+        raise problem("input_dim_scale must be finite and > 0 in every dimension")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -59,15 +59,20 @@ from .art_rules import (
 
 # ART_MAX_BUFFER_BYTES: what `ARTMemory.from_pretrained` may allocate for a file's buffers unless the caller allows
 # more (1 GiB); a GPTBConfig's art_max_categories is held to the same bound.
-from .configuration_gptb import ART_EXEMPLAR_TOKENS, ART_MAX_BUFFER_BYTES, art_buffer_bytes
+from .configuration_gptb import ART_EXEMPLAR_TOKENS, ART_MAX_BUFFER_BYTES, art_buffer_bytes, art_rule_dim
 
 # The values of `ARTMemory.engine`. "auto" is the block engine everywhere until the device engine is measured faster.
 ART_ENGINES = ("auto", "block", "device")
 
 # What the rule sees of an input row x (docs/design.md#what-the-memory-sees): "none", x itself; "center", x - c;
 # "euclidean", [(x - c) / s, lift], whose cosine is 1 - |x - y|^2 / (2 s^2 lift^2) to first order, so the cosine rule
-# decides by Euclidean distance. c and s (the mean row and the RMS distance to it) are fitted by `fit_input_transform`.
-ART_INPUT_TRANSFORMS = ("none", "center", "euclidean")
+# decides by Euclidean distance; "standardize", [(x - c) / sigma / s, lift], the same on per-dimension standardised
+# rows. c, sigma (the per-dimension standard deviation, ones but for "standardize") and s (the RMS distance of the
+# scaled rows to c) are fitted by `fit_input_transform`.
+ART_INPUT_TRANSFORMS = ("none", "center", "euclidean", "standardize")
+# "standardize": a dimension whose standard deviation is below this share of the RMS standard deviation is divided by
+# that floor instead, so a constant dimension (or one nearly so) is not blown up into noise or a division by zero.
+DIM_SCALE_FLOOR = 1e-3
 # `calibration` holds: the false-positive rate, the novelty threshold, the combined-score threshold, the mean and
 # standard deviation of the calibration novelty and surprise (all 0 without surprise), the rows (0: not calibrated) and
 # the score in use (1: combined). Zeros, not NaN, mark what is absent, so that states compare equal.
@@ -182,10 +187,10 @@ class ARTMemory(nn.Module):
         alpha (`float`, defaults to 1e-3): Fuzzy ART's choice parameter (> 0); unused by `cosine`.
         max_categories (`int`, defaults to 1024): capacity. Full memories reject, never overwrite.
         input_transform (`str`, defaults to `"none"`): what the rule sees of each input row, one of
-            `ART_INPUT_TRANSFORMS` (docs/design.md#what-the-memory-sees); `"center"` and `"euclidean"` need
+            `ART_INPUT_TRANSFORMS` (docs/design.md#what-the-memory-sees); all but `"none"` need
             `fit_input_transform` first and the `cosine` rule.
-        lift (`float`, defaults to 4.0): the constant coordinate `"euclidean"` appends, in units of the fitted RMS
-            distance; larger makes the cosine closer to the Euclidean distance (> 0, finite).
+        lift (`float`, defaults to 4.0): the constant coordinate `"euclidean"` and `"standardize"` append, in units
+            of the fitted RMS distance; larger makes the cosine closer to the Euclidean distance (> 0, finite).
         engine (`str`, defaults to `"auto"`): how `update` computes: `"block"`, the block engine (`art_engine.py`);
             `"device"`, the engine without host synchronisation (`art_device_engine.py`); `"auto"`, the block engine
             until the device engine is measured faster on a GPU. The decisions are the same
@@ -255,6 +260,7 @@ class ARTMemory(nn.Module):
         extra = {
             "input_center": torch.zeros(self.dim, device=device, dtype=dtype),
             "input_scale": torch.zeros((), device=device, dtype=dtype),
+            "input_dim_scale": torch.ones(self.dim, device=device, dtype=dtype),
             "calibration": torch.zeros(len(_CALIBRATION_FIELDS), device=device, dtype=exact),
             "calibration_quantiles": torch.zeros((2, CALIBRATION_QUANTILES), device=device, dtype=exact),
             "rows_seen": torch.zeros((), device=device, dtype=torch.long),
@@ -377,8 +383,9 @@ class ARTMemory(nn.Module):
 
     @property
     def rule_dim(self) -> int:
-        """Features of a row after the input transform: `dim`, plus the lift coordinate for `"euclidean"`."""
-        return self.dim + (self.input_transform == "euclidean")
+        """Features of a row after the input transform: `dim`, plus the lift coordinate for `"euclidean"` and
+        `"standardize"`."""
+        return art_rule_dim(self.dim, self.input_transform)
 
     @property
     def input_fitted(self) -> bool:
@@ -474,6 +481,7 @@ class ARTMemory(nn.Module):
         x = x - self.input_center.to(x.dtype)
         if self.input_transform == "center":
             return x
+        x = x / self.input_dim_scale.to(x.dtype)  # ones but for "standardize": exact, "euclidean" is unchanged
         return torch.cat([x / self.input_scale.to(x.dtype), x.new_full((x.shape[0], 1), self.lift)], dim=1)
 
     def _value_report(self, x: torch.Tensor) -> torch.Tensor:
@@ -778,8 +786,10 @@ class ARTMemory(nn.Module):
         """
         Fit the input transform's center (the mean row) and scale (the RMS distance of the rows to it) on in-domain
         rows `x` (N, dim), then `reset` the memory: categories learned in other coordinates mean nothing in the new
-        ones. Under `torch.distributed` every rank passes its rows and the sums are all-reduced in float64, so every
-        rank gets the statistics of all the rows. Rows that are all the same (no spread) raise `ValueError`.
+        ones. For `"standardize"` the rows are first divided by each dimension's standard deviation (floored at
+        `DIM_SCALE_FLOOR` times their RMS), and the scale is the RMS distance of the divided rows to the center.
+        Under `torch.distributed` every rank passes its rows and the sums are all-reduced in float64, so every rank
+        gets the statistics of all the rows. Rows that are all the same (no spread) raise `ValueError`.
         """
         error = None
         try:
@@ -796,11 +806,17 @@ class ARTMemory(nn.Module):
         if rows == 0:
             raise ValueError("ARTMemory.fit_input_transform needs at least one row")
         center = sums[:-2] / rows
-        scale = (self._all_reduced((x - center).square().sum()[None])[0] / rows).sqrt()
-        if not scale > 0:
+        variance = self._all_reduced((x - center).square().sum(0)) / rows  # per dimension
+        if not variance.sum() > 0:
             raise ValueError("ARTMemory.fit_input_transform: every row is the same, so there is no spread to scale by")
+        dim_scale = torch.ones_like(variance)
+        if self.input_transform == "standardize":
+            dim_scale = variance.sqrt().clamp(min=DIM_SCALE_FLOOR * variance.mean().sqrt())
+        # the RMS distance of the scaled rows to the center: mean_r |(x_r - c) / sigma|^2 = sum_d var_d / sigma_d^2
+        scale = (variance / dim_scale.square()).sum().sqrt()
         self.reset()
         self.input_center.copy_(center)
+        self.input_dim_scale.copy_(dim_scale)
         self.input_scale.fill_(scale)
         return self
 
@@ -967,6 +983,7 @@ class ARTMemory(nn.Module):
             "novelty_histogram": self.novelty_histogram.detach().cpu().contiguous(),
             "input_center": self.input_center.detach().cpu().contiguous(),
             "input_scale": self.input_scale.detach().cpu().reshape(1),
+            "input_dim_scale": self.input_dim_scale.detach().cpu().contiguous(),
             "calibration": self.calibration.detach().cpu().contiguous(),
             "calibration_quantiles": self.calibration_quantiles.detach().cpu().contiguous(),
             "rows_seen": self.rows_seen.detach().cpu().reshape(1),
@@ -1046,7 +1063,7 @@ class ARTMemory(nn.Module):
         config, tensors = load_art_file(path)
         dtype = dtype or tensors["prototypes"].dtype
         _check_exact_cast(path, tensors["prototypes"], dtype)
-        stored_dim = ART_RULES[config["rule"]]().stored_dim(config["dim"] + (config["input_transform"] == "euclidean"))
+        stored_dim = ART_RULES[config["rule"]]().stored_dim(art_rule_dim(config["dim"], config["input_transform"]))
         needed = art_buffer_bytes(config["max_categories"], stored_dim, dtype.itemsize)
         if needed > max_buffer_bytes:
             raise ValueError(
@@ -1117,7 +1134,8 @@ class ARTMemory(nn.Module):
         return self
 
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Take a file's state; a version 2 file has no transform, calibration or category descriptions."""
+        """Take a file's state; a version 2 file has no transform, calibration or category descriptions, and a
+        version 3 file no per-dimension scale (ones: it predates "standardize")."""
         k = tensors["prototypes"].shape[0]
         self.reset()
         self.weight[:k] = tensors["prototypes"]
@@ -1126,6 +1144,7 @@ class ARTMemory(nn.Module):
         self.novelty_histogram.copy_(tensors["novelty_histogram"])
         self.input_center.zero_()
         self.input_scale.zero_()
+        self.input_dim_scale.copy_(tensors.get("input_dim_scale", torch.ones(self.dim)))
         if "input_center" in tensors:
             self.input_center.copy_(tensors["input_center"])
             self.input_scale.copy_(tensors["input_scale"][0])
@@ -1192,6 +1211,7 @@ __all__ = [
     "ART_MEMORY_FILE",
     "ART_RULES",
     "ARTMemory",
+    "DIM_SCALE_FLOOR",
     "ARTOutput",
     "ARTRule",
     "ARTStatus",

@@ -22,11 +22,16 @@ def art_buffer_bytes(max_categories: int, stored_dim: int, itemsize: int = 4) ->
 
 
 ART_POOLINGS = ("mean", "state", "last", "mean_std_max")
-ART_POOL_LAYERS = (
-    "last",
-    "all",
-)  # which hidden states art_pooling pools: the last layer, or the embeddings and every layer
-ART_INPUT_TRANSFORMS = ("none", "center", "euclidean")  # as art_memory.ART_INPUT_TRANSFORMS (tested equal)
+# which hidden states art_pooling pools: the last layer, or the embeddings and every layer
+ART_POOL_LAYERS = ("last", "all")
+ART_INPUT_TRANSFORMS = ("none", "center", "euclidean", "standardize")  # as art_memory's (tested equal)
+ART_LIFTED_TRANSFORMS = ("euclidean", "standardize")  # transforms that append the lift coordinate
+
+
+def art_rule_dim(dim: int, input_transform: str) -> int:
+    """Features the ART rule sees of a `dim`-wide row after `input_transform`: one more for the lift coordinate."""
+    return dim + (input_transform in ART_LIFTED_TRANSFORMS)
+
 
 # GPT-2 config keys that GPTB has no use for; dropped when converting a GPT-2 config.
 _GPT2_ONLY_KEYS = (
@@ -112,9 +117,10 @@ class GPTBConfig(PretrainedConfig):
             layer's output) or `"all"` (the embeddings and every layer's output, concatenated); the memory's width is
             `art_input_dim`.
         art_input_transform (`str`, defaults to `"none"`): what the memory's rule sees of the pooled vector:
-            `"none"`, `"center"` or `"euclidean"` (docs/design.md#what-the-memory-sees); the last two are fitted
-            by `fit_art_memory`.
-        art_lift (`float`, defaults to 4.0): the `"euclidean"` transform's constant coordinate (> 0, finite).
+            `"none"`, `"center"`, `"euclidean"` or `"standardize"` (docs/design.md#what-the-memory-sees); all but
+            `"none"` are fitted by `fit_art_memory`.
+        art_lift (`float`, defaults to 4.0): the constant coordinate of the `"euclidean"` and `"standardize"`
+            transforms (> 0, finite).
         art_loss_weight (`float`, defaults to 0.0): weight of the coupled loss pulling each sequence toward its
             category's prototype.
         art_resonated_weight (`float`, defaults to 1.0): continual-learning gate; loss weight of sequences that
@@ -312,7 +318,7 @@ class GPTBConfig(PretrainedConfig):
         if self.art_rule not in ART_RULES:
             raise ValueError(f"GPTBConfig.art_rule must be one of {ART_RULES}, got {self.art_rule!r}")
         if self.art_enabled:  # refused before the model allocates the memory's buffers (float32 prototypes)
-            rule_dim = self.art_input_dim + (self.art_input_transform == "euclidean")  # the lift coordinate
+            rule_dim = art_rule_dim(self.art_input_dim, self.art_input_transform)
             stored_dim = rule_dim * (2 if self.art_rule == "fuzzy" else 1)
             needed = art_buffer_bytes(self.art_max_categories, stored_dim)
             if needed > ART_MAX_BUFFER_BYTES:

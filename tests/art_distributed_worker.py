@@ -2,8 +2,9 @@
 
 Each rank feeds its own rows (a different number per rank) to the same memories for a few rounds, then tries an input
 that is invalid on rank 1 only, saves with the default `is_main_process`, and writes its final state and outputs to
-`<out>/<rule>-rank<r>.safetensors` for the test to compare. Then a `euclidean` memory is fitted, fed with exemplars and
-calibrated on each rank's own rows (`<out>/euclidean-rank<r>.safetensors`).
+`<out>/<rule>-rank<r>.safetensors` for the test to compare. Then a memory of each fitted transform (`euclidean`,
+`standardize`) is fitted, fed with exemplars and calibrated on each rank's own rows
+(`<out>/<transform>-rank<r>.safetensors`).
 """
 
 import os
@@ -17,6 +18,9 @@ from modeling_gptb.art_memory import ARTMemory
 
 RULES = {"cosine": {"vigilance": 0.8, "beta": 0.3}, "fuzzy": {"vigilance": 0.75, "beta": 0.5}}
 DIM, ROUNDS, CAPACITY = 6, 3, 24
+FITTED_TRANSFORMS = ("euclidean", "standardize")
+# Per-dimension spreads for the fitted memories: "standardize" has something to undo, and its floor a constant column.
+COLUMN_SCALES = torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0, 0.0], dtype=torch.float64)
 
 
 def rank_rows(rule: str, rank: int, round_: int) -> torch.Tensor:
@@ -32,9 +36,10 @@ def new_memory(rule: str) -> ARTMemory:
     return ARTMemory(DIM, rule=rule, max_categories=CAPACITY, dtype=torch.float64, **RULES[rule])
 
 
-def fitted_and_calibrated(rows_of, surprise_of, exemplars_of) -> ARTMemory:
-    """A `euclidean` memory fitted on, fed and calibrated with the given rows (a rank's, or all ranks' in order)."""
-    memory = ARTMemory(DIM, vigilance=0.99, max_categories=CAPACITY, input_transform="euclidean", dtype=torch.float64)
+def fitted_and_calibrated(rows_of, surprise_of, exemplars_of, transform: str) -> ARTMemory:
+    """A memory of a fitted `transform`, fitted on, fed and calibrated with the given rows (a rank's, or all ranks' in
+    order)."""
+    memory = ARTMemory(DIM, vigilance=0.99, max_categories=CAPACITY, input_transform=transform, dtype=torch.float64)
     memory.fit_input_transform(rows_of(0))
     memory.update(rows_of(1), exemplars=exemplars_of(1))
     memory.calibrate(rows_of(2), fpr=0.2, surprise=surprise_of(2))
@@ -43,7 +48,7 @@ def fitted_and_calibrated(rows_of, surprise_of, exemplars_of) -> ARTMemory:
 
 def transformed_rows(rank: int, round_: int):
     """Rows, surprise and exemplars of a rank for the transformed memory (round 1 of rank 1 is empty)."""
-    rows = rank_rows("cosine", rank, round_) * 3 + 1
+    rows = rank_rows("cosine", rank, round_) * 3 * COLUMN_SCALES + 1
     n = rows.shape[0]
     surprise = torch.arange(n, dtype=torch.float64) / 7 + rank
     exemplars = torch.arange(n * 3).view(n, 3) + 100 * rank
@@ -70,8 +75,9 @@ def main(out: str) -> None:
             tensors[name] = torch.cat([getattr(o, name) for o in outputs])
         save_file(tensors, os.path.join(out, f"{rule}-rank{rank}.safetensors"), metadata={"error": error})
     mine = [transformed_rows(rank, round_) for round_ in range(ROUNDS)]
-    memory = fitted_and_calibrated(*(lambda r, i=i: mine[r][i] for i in range(3)))
-    save_file(dict(memory.named_buffers()), os.path.join(out, f"euclidean-rank{rank}.safetensors"))
+    for transform in FITTED_TRANSFORMS:
+        memory = fitted_and_calibrated(*(lambda r, i=i: mine[r][i] for i in range(3)), transform=transform)
+        save_file(dict(memory.named_buffers()), os.path.join(out, f"{transform}-rank{rank}.safetensors"))
     dist.destroy_process_group()
 
 

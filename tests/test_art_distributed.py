@@ -5,8 +5,17 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
-from art_distributed_worker import ROUNDS, RULES, fitted_and_calibrated, new_memory, rank_rows, transformed_rows
+from art_distributed_worker import (
+    FITTED_TRANSFORMS,
+    ROUNDS,
+    RULES,
+    fitted_and_calibrated,
+    new_memory,
+    rank_rows,
+    transformed_rows,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -63,23 +72,31 @@ def test_two_processes_hold_the_memory_of_one_process_fed_in_rank_order(tmp_path
         saved = ARTMemory.from_pretrained(tmp_path / f"{rule}-saved-rank0")
         assert torch.equal(saved.weight, single.weight) and torch.equal(saved.category_counts, single.category_counts)
 
-    check_transformed(tmp_path)
+    for transform in FITTED_TRANSFORMS:
+        check_transformed(tmp_path, transform)
 
 
-def check_transformed(tmp_path):
+def check_transformed(tmp_path, transform):
     """The fitted transform, the calibration and the category descriptions are those of all ranks' rows: the same on
     every rank, and those of one process fed every rank's rows in rank order (the fit's sums up to float64 rounding of
     the all-reduce)."""
-    ranks = [load_file(tmp_path / f"euclidean-rank{rank}.safetensors") for rank in range(WORLD)]
+    ranks = [load_file(tmp_path / f"{transform}-rank{rank}.safetensors") for rank in range(WORLD)]
     for name, tensor in ranks[0].items():
-        assert torch.equal(tensor, ranks[1][name]), name
+        assert torch.equal(tensor, ranks[1][name]), (transform, name)
     parts = [[transformed_rows(rank, round_) for round_ in range(ROUNDS)] for rank in range(WORLD)]
     single = fitted_and_calibrated(
-        *(lambda r, i=i: torch.cat([parts[rank][r][i] for rank in range(WORLD)]) for i in range(3))
+        *(lambda r, i=i: torch.cat([parts[rank][r][i] for rank in range(WORLD)]) for i in range(3)),
+        transform=transform,
     )
     for name, tensor in single.named_buffers():
         if tensor.is_floating_point():
-            torch.testing.assert_close(ranks[0][name], tensor, rtol=1e-12, atol=1e-12, msg=name)
+            torch.testing.assert_close(ranks[0][name], tensor, rtol=1e-12, atol=1e-12, msg=(transform, name))
         else:
-            assert torch.equal(ranks[0][name], tensor), name
+            assert torch.equal(ranks[0][name], tensor), (transform, name)
     assert single.num_categories > 2 and single.calibration_report()["rows"] > 20
+    if transform == "standardize":  # the per-dimension spread was fitted, the constant column floored
+        fitted = torch.cat([parts[rank][0][0] for rank in range(WORLD)])
+        deviation = fitted.std(0, correction=0)
+        torch.testing.assert_close(ranks[0]["input_dim_scale"][:5], deviation[:5], rtol=1e-12, atol=0)
+        floor = 1e-3 * float(deviation.square().mean().sqrt())
+        assert deviation[5] == 0 and float(ranks[0]["input_dim_scale"][5]) == pytest.approx(floor, rel=1e-12)

@@ -693,7 +693,7 @@ def damage_cases():
         "bit flip": (flip_a_bit, "checksum mismatch"),
         "not safetensors": (not_safetensors, "not a safetensors file"),
         "too short": (tiny, r"not a safetensors file \(only 3 bytes\)"),
-        "version": (lambda p: rewrite(p, format_version="4"), "unsupported format version '4'"),
+        "version": (lambda p: rewrite(p, format_version="5"), "unsupported format version '5'"),
         "format": (lambda p: rewrite(p, format="something-else"), "not an ARTMemory file"),
         "missing key": (lambda p: rewrite(p, vigilance=None), r"metadata lacks \['vigilance'\]"),
         "bad value": (lambda p: rewrite(p, beta="1.5"), r"bad metadata beta='1.5'"),
