@@ -50,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--vigilance", type=float, help="with --fit-on: the memory's vigilance")
     report.add_argument(
+        "--pooling",
+        choices=("mean", "state", "last", "mean_std_max"),  # ART_POOLINGS, without importing torch
+        help="with --fit-on: how each text's steps are pooled for the memory (art_pooling)",
+    )
+    report.add_argument(
+        "--pool-layers",
+        choices=("last", "all"),  # ART_POOL_LAYERS
+        help="with --fit-on: pool the last layer or the embeddings and every layer (art_pool_layers); the novelty "
+        "detector that works best: --pooling mean_std_max --pool-layers all --input-transform standardize",
+    )
+    report.add_argument(
         "--calibrate-on",
         help="calibrate the verdict on held-out in-domain text: a built-in corpus (its validation split) or a text "
         "file",

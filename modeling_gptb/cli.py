@@ -97,12 +97,21 @@ def cmd_art_report(args) -> int:
     if args.fit_on:
         blocks = _art_blocks(args.fit_on, "train", tokenizer, args.blocks)
         try:
-            fitted = fit_art_memory(model, blocks, input_transform=args.input_transform, vigilance=args.vigilance)
+            fitted = fit_art_memory(
+                model,
+                blocks,
+                input_transform=args.input_transform,
+                vigilance=args.vigilance,
+                pooling=args.pooling,
+                pool_layers=args.pool_layers,
+            )
         except ValueError as error:
             raise CLIError(f"could not fit the memory: {error}") from error
         print(f"fitted the memory on {fitted['sequences']} blocks of {args.fit_on}: {fitted['categories']} categories")
-    elif args.input_transform or args.vigilance is not None:
-        raise CLIError("--input-transform and --vigilance apply when fitting: pass --fit-on too")
+    elif args.input_transform or args.pooling or args.pool_layers or args.vigilance is not None:
+        raise CLIError(
+            "--input-transform, --pooling, --pool-layers and --vigilance apply when fitting: pass --fit-on too"
+        )
     if args.calibrate_on:
         blocks = _art_blocks(args.calibrate_on, "validation", tokenizer, args.blocks)
         try:

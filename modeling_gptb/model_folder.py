@@ -70,13 +70,17 @@ def _expected_shapes(path: Path, folder, saved: int) -> tuple[dict[str, tuple[in
     import torch
 
     from .configuration_gptb import GPTBConfig
-    from .modeling_gptb import GPTBLMHeadModel
+    from .modeling_gptb import GPTBLMHeadModel, art_memory_for
 
     config = GPTBConfig.from_pretrained(path)
+    memory = {}
+    if config.art_enabled:  # its width may depend on n_layer (art_pool_layers="all")
+        with torch.device("meta"):
+            memory = {f"art_memory.{name}": tuple(t.shape) for name, t in art_memory_for(config).state_dict().items()}
     layers, config.n_layer = config.n_layer, 1
     with torch.device("meta"):
         model = GPTBLMHeadModel(config)
-    one_layer = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    one_layer = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()} | memory
     tied = set(model.all_tied_weights_keys)
     block = {name[len(LAYER_PREFIX) :]: shape for name, shape in one_layer.items() if name.startswith(LAYER_PREFIX)}
     count = len(one_layer) - len(block) + layers * len(block)

@@ -739,6 +739,20 @@ def _skipped_rows_filled(art: ARTOutput, kept: torch.Tensor) -> ARTOutput:
     return ARTOutput(*filled)
 
 
+def art_memory_for(config: GPTBConfig) -> ARTMemory:
+    """The empty ART memory a model of `config` holds (`config.art_enabled`)."""
+    return ARTMemory(
+        config.art_input_dim,
+        rule=config.art_rule,
+        vigilance=config.art_vigilance,
+        beta=config.art_beta,
+        alpha=config.art_alpha,
+        max_categories=config.art_max_categories,
+        input_transform=config.art_input_transform,
+        lift=config.art_lift,
+    )
+
+
 def pool_steps(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Pool `hidden` (B, T, D) over the steps where `mask` (B, T) is 1: `"mean"`, `"last"` (the last valid step, step 0
     if none) or `"mean_std_max"` ([mean, population standard deviation, maximum], (B, 3D); zeros for a row without a
@@ -799,16 +813,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         self.loss_type = "ForCausalLM"  # the class name does not say it
         self.art_memory = None
         if config.art_enabled:
-            self.art_memory = ARTMemory(
-                config.art_input_dim,
-                rule=config.art_rule,
-                vigilance=config.art_vigilance,
-                beta=config.art_beta,
-                alpha=config.art_alpha,
-                max_categories=config.art_max_categories,
-                input_transform=config.art_input_transform,
-                lift=config.art_lift,
-            )
+            self.art_memory = art_memory_for(config)
         self.decode_graphs = DecodeGraphs()  # used when config.decode_cuda_graph
         self.post_init()
 

@@ -338,6 +338,35 @@ def test_art_report_fits_calibrates_and_saves_the_memory(tmp_path, capsys):
     assert "neither a built-in corpus" in one_line_error(capsys, "art-report")
 
 
+def test_art_report_fits_the_detector_input_and_saves_it(tmp_path, capsys):
+    folder = save_model_folder(tmp_path / "model")
+    (tmp_path / "train.txt").write_text(" ".join(["the memory holds what the model has seen"] * 300), encoding="utf-8")
+    args = ["art-report", str(folder), "--fit-on", str(tmp_path / "train.txt"), "--blocks", "30", "--save"]
+    args += ["--pooling", "mean_std_max", "--pool-layers", "all", "--input-transform", "standardize"]
+    assert cli.main(args) == 0
+    model = GPTBLMHeadModel.from_pretrained(folder)
+    c = model.config
+    assert (c.art_pooling, c.art_pool_layers, c.art_input_transform) == ("mean_std_max", "all", "standardize")
+    assert model.art_memory.dim == c.art_input_dim == 3 * (c.n_layer + 1) * c.n_embd
+    assert model.art_memory.input_fitted and model.art_memory.rows_seen == 30
+    capsys.readouterr()
+    assert cli.main(["art-report", str(folder), "--pool-layers", "all"]) == 2
+    assert "apply when fitting: pass --fit-on too" in one_line_error(capsys, "art-report")
+    bad = ["art-report", str(folder), "--fit-on", str(tmp_path / "train.txt"), "--pooling", "state"]
+    assert cli.main([*bad, "--pool-layers", "all"]) == 2  # refused before the model changes
+    assert "art_pool_layers must be 'last', got 'all'" in one_line_error(capsys, "art-report")
+    assert GPTBLMHeadModel.from_pretrained(folder).config.art_pool_layers == "all"
+
+
+def test_pooling_choices_are_the_configs():
+    from modeling_gptb import configuration_gptb
+
+    actions = {a.dest: a for a in all_parsers()["gptb art-report"]._actions}
+    report, layers = actions["pooling"], actions["pool_layers"]
+    assert tuple(report.choices) == configuration_gptb.ART_POOLINGS
+    assert tuple(layers.choices) == configuration_gptb.ART_POOL_LAYERS
+
+
 def test_art_report_save_is_refused_while_a_run_holds_the_folder(tmp_path, capsys):
     from modeling_gptb.output_folder import FolderLock
 
