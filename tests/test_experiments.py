@@ -214,6 +214,9 @@ def test_segment_section_reports_paired_gaps_at_every_evaluation():
     # at 100 tokens: seg - nomem = +0.1 (seed 0), -0.2 (seed 1): mean -0.05, s.d. 0.212, lower in 1 of 2 seeds
     assert "| 100 | -0.050 ± 0.212 (1/2) | -0.400 ± 0.141 (2/2) | 0.000 ± 0.141 (1/2) |" in text
     assert "seed 0: +0.1000, seed 1: -0.2000" in text and "`gpt2_ctx8` 2.00x" in text
+    runs["gptb"] = runs_of({1: [9.0, 5.0]})  # the one-token model, one seed: paired with that seed only
+    text = _segment_section({"runs": runs, "summary": flops})
+    assert "| 100 | -0.050 ± 0.212 (1/2) | -0.400 ± 0.141 (2/2) | 0.000 ± 0.141 (1/2) | -0.500 ± 0.000 (1/1) |" in text
 
 
 # Issue 18 item 2: loss by position in long documents. References: one forward per target over exactly the

@@ -372,6 +372,7 @@ def _segment_section(result: dict) -> str:
     for name in names:
         control = f"{name}_nomem"
         pairs = [(name, control)] + [(name, g) for g in gpt2[:1]] + [(g, gpt2[0]) for g in gpt2[1:]]
+        pairs += [("gptb", gpt2[0])] if "gptb" in runs else []  # the seed's one-token step, where it ran
         gaps = {pair: _paired_gaps(runs, *pair) for pair in pairs}
         header = ["training tokens"] + [f"`{a}` − `{b}`" for a, b in pairs]
         rows = [
