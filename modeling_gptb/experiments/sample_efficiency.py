@@ -412,7 +412,7 @@ def _position_plot(result: dict, out: Path) -> None:
         y = np.asarray([r["position_loss"] for r in runs[name]])
         std = y.std(axis=0, ddof=1) if len(y) > 1 else np.zeros(y.shape[1])
         x = np.arange(len(labels)) + 0.06 * (offset - (len(names) - 1) / 2)  # side by side, not on top
-        axes[0].errorbar(x, y.mean(axis=0), yerr=std, marker="o", capsize=3, label=f"{name} ({len(y)} seeds)")
+        axes[0].errorbar(x, y.mean(axis=0), yerr=std, marker="o", capsize=3, label=f"{name} (n = {len(y)})")
         curves = [r["position_curve"] for r in runs[name]]
         starts = np.arange(len(curves[0])) * position["resolution"]
         common.shaded(axes[1], starts + position["resolution"] / 2, curves, name, marker=".")
