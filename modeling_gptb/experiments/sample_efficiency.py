@@ -303,11 +303,12 @@ def _plots(result: dict, out: Path) -> None:
     for name in main:
         r = runs[name]
         common.shaded(axes[0], r[0]["eval_tokens"], [x["eval_loss"] for x in r], name, marker="o")
-        common.shaded(axes[1], r[0]["eval_flops"], [x["eval_loss"] for x in r], name, marker="o")
+        # from the first evaluation after step 0: zero FLOPs has no place on the log axis
+        common.shaded(axes[1], r[0]["eval_flops"][1:], [x["eval_loss"][1:] for x in r], name, marker="o")
         common.shaded(axes[2], r[0]["eval_tokens"], [x["eval_bpb"] for x in r], name, marker="o")
     axes[0].set(xlabel="training tokens seen (tokens)", ylabel="held-out loss (nats / token)", title="Loss vs data")
-    axes[1].set(xlabel="training compute (FLOPs, analytic)", ylabel="held-out loss (nats / token)")
-    axes[1].ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    axes[1].set(xlabel="training compute (FLOPs, analytic; log scale, step 0 not shown)")
+    axes[1].set(ylabel="held-out loss (nats / token)", xscale="log")  # models 7x apart in FLOPs/token stay readable
     axes[1].set_title("Loss vs compute")
     axes[2].set(xlabel="training tokens seen (tokens)", ylabel="held-out (bits / byte)", title="Bits per byte")
     common.finish_axes(*axes)
