@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 from modeling_gptb.experiments import EXPERIMENTS, common
 from modeling_gptb.experiments.__main__ import main
@@ -18,7 +20,10 @@ from modeling_gptb.output_folder import KILL_ENV
 REPO = Path(__file__).resolve().parents[1]
 
 EXPECTED = {
-    "sample_efficiency": ({"runs", "summary", "config", "seeds", "machine"}, ["curves.png", "ablations.png"]),
+    "sample_efficiency": (
+        {"runs", "summary", "config", "seeds", "machine"},
+        ["curves.png", "ablations.png", "positions.png"],
+    ),
     "novelty": ({"per_seed", "summary", "config", "seeds", "machine"}, ["roc.png", "metrics.png"]),
     "continual": ({"runs", "summary", "config", "seeds", "machine"}, ["continual.png"]),
     "memory": ({"runs", "summary", "config", "seeds", "machine", "best_config"}, ["memory.png"]),
@@ -153,11 +158,19 @@ def test_segments_preset_pairs_segment_gptb_with_its_no_memory_control():
     from modeling_gptb.experiments.memory import SELECTIVE
 
     specs = sample_efficiency.variants(sample_efficiency.PRESETS["segments"])
-    assert set(specs) == {"gptb_seg64", "gptb_seg64_nomem", "gpt2_ctx64", "gpt2_ctx256"}
+    assert set(specs) == {"gptb", "gptb_seg64", "gptb_seg64_nomem", "gpt2_ctx64", "gpt2_ctx256"}
     seg, nomem = specs["gptb_seg64"], specs["gptb_seg64_nomem"]
     assert seg["overrides"] == nomem["overrides"] == {"state_size": 16, "segment_length": 64, **SELECTIVE}
+    assert specs["gptb"]["overrides"] == {"state_size": 8}  # the seed's one-token step
     # the memory model reads 4 segments per training row and the whole eval block; the control one segment at a time
     assert (seg["block"], seg["context"]) == (256, None) and (nomem["block"], nomem["context"]) == (64, 64)
+    # the position evaluation: GPTB's windows do not overlap (one pass; one segment), GPT-2's start every C/2
+    assert [specs[n]["stride"] for n in ("gptb_seg64", "gptb_seg64_nomem", "gpt2_ctx64", "gpt2_ctx256")] == [
+        None,
+        None,
+        32,
+        128,
+    ]
     with pytest.raises(ValueError, match="multiple of segment_length 64"):
         sample_efficiency.variants(
             {**sample_efficiency.PRESETS["segments"], "segment": {"segment_length": 64, "block": 96}}
@@ -201,3 +214,121 @@ def test_segment_section_reports_paired_gaps_at_every_evaluation():
     # at 100 tokens: seg - nomem = +0.1 (seed 0), -0.2 (seed 1): mean -0.05, s.d. 0.212, lower in 1 of 2 seeds
     assert "| 100 | -0.050 ± 0.212 (1/2) | -0.400 ± 0.141 (2/2) | 0.000 ± 0.141 (1/2) |" in text
     assert "seed 0: +0.1000, seed 1: -0.2000" in text and "`gpt2_ctx8` 2.00x" in text
+    runs["gptb"] = runs_of({1: [9.0, 5.0]})  # the one-token model, one seed: paired with that seed only
+    text = _segment_section({"runs": runs, "summary": flops})
+    assert "| 100 | -0.050 ± 0.212 (1/2) | -0.400 ± 0.141 (2/2) | 0.000 ± 0.141 (1/2) | -0.500 ± 0.000 (1/1) |" in text
+
+
+# Issue 18 item 2: loss by position in long documents. References: one forward per target over exactly the
+# context the evaluation promises, in float64.
+def _tiny_gpt2(context: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=context)
+    return GPT2LMHeadModel(config).double().eval()
+
+
+def _direct_losses(model, rows, first_of) -> torch.Tensor:
+    """Loss of target p (row token p + 1) from a forward over tokens first_of(p)..p alone."""
+    t = rows.shape[1] - 1
+    out = torch.zeros(rows.shape[0], t, dtype=torch.float64)
+    with torch.no_grad():
+        for p in range(t):
+            logits = model(input_ids=rows[:, first_of(p) : p + 1]).logits[:, -1].double()
+            out[:, p] = F.cross_entropy(logits, rows[:, p + 1], reduction="none")
+    return out
+
+
+@pytest.mark.parametrize(("context", "stride"), [(8, 4), (8, 3), (8, 1), (8, 8)])
+def test_strided_windows_give_each_position_the_promised_context(context, stride):
+    model = _tiny_gpt2(context)
+    rows = torch.randint(0, 50, (2, 24))
+
+    def first_of(p):  # the first window holding p: the smallest multiple of stride >= p - context + 1
+        return 0 if p < context else -(-(p - context + 1) // stride) * stride
+
+    losses = common.per_token_losses(model, rows, batch_size=1, context=context, stride=stride)
+    torch.testing.assert_close(losses.double(), _direct_losses(model, rows, first_of), rtol=1e-6, atol=1e-6)
+    if stride == 1:  # the sliding window: every late target from exactly `context` tokens
+        assert all(p - first_of(p) + 1 == context for p in range(context, 23))
+
+
+def test_windowed_evaluation_at_context_at_least_the_document_is_one_forward():
+    model = _tiny_gpt2(32)
+    rows = torch.randint(0, 50, (3, 21))
+    with torch.no_grad():
+        logits = model(input_ids=rows[:, :-1]).logits
+    full = F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")
+    for context, stride in [(20, 10), (32, 16), (32, None)]:
+        windowed = common.per_token_losses(model, rows, batch_size=2, context=context, stride=stride)
+        torch.testing.assert_close(windowed.double(), full, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="stride must be between 1 and the context 8"):
+        common.window_logits(model, rows, context=8, stride=9)
+
+
+def test_position_buckets_equal_a_direct_per_position_computation():
+    from modeling_gptb.experiments.sample_efficiency import position_losses
+
+    torch.manual_seed(0)
+    rows = torch.randint(1, 50, (3, 33))  # within both vocabularies
+    position = {"buckets": [0, 4, 12, 32], "resolution": 8}
+
+    def buckets(losses, edges):
+        return [sum(losses[d, p].item() for d in range(3) for p in range(a, b)) / (3 * (b - a)) for a, b in edges]
+
+    edges = [(0, 4), (4, 12), (12, 32)]
+    fine = [(0, 8), (8, 16), (16, 24), (24, 32)]
+    memory = tiny_gptb(segment_length=4)
+    gpt2 = _tiny_gpt2(8)
+    cases = {  # (model, context, stride, where the direct forward for target p starts)
+        "segment GPTB, state carried": (memory, None, None, lambda p: 0),
+        "no-memory control, each segment alone": (memory, 4, None, lambda p: p - p % 4),
+        "GPT-2, strided windows": (gpt2, 8, 4, lambda p: 0 if p < 8 else -(-(p - 7) // 4) * 4),
+    }
+    for name, (model, context, stride, first_of) in cases.items():  # per_token_losses scores in float32
+        direct = _direct_losses(model, rows, first_of)
+        got = position_losses(model, rows, position, 2, context, stride)
+        assert got["position_loss"] == pytest.approx(buckets(direct, edges), rel=1e-6, abs=1e-6), name
+        assert got["position_curve"] == pytest.approx(buckets(direct, fine), rel=1e-6, abs=1e-6), name
+    carried = position_losses(memory, rows, position, 2, None, None)["position_loss"]
+    alone = position_losses(memory, rows, position, 2, 4, None)["position_loss"]
+    assert carried[0] == pytest.approx(alone[0]) and carried[2] != pytest.approx(alone[2])  # the state matters
+
+
+def tiny_gptb(**overrides):
+    from conftest import tiny_model
+
+    return tiny_model(**overrides).double()
+
+
+def test_long_documents_start_with_the_separator_and_skip_short_ones():
+    from modeling_gptb.experiments.sample_efficiency import long_documents
+    from modeling_gptb.tokenization import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    rows = long_documents(["abcdefgh", "xy", "0123456789"], tokenizer, 6)
+    eos = tokenizer.eos_token_id
+    assert rows.tolist() == [[eos, *tokenizer("abcdef")["input_ids"]], [eos, *tokenizer("012345")["input_ids"]]]
+    with pytest.raises(ValueError, match="no validation document has the position evaluation's 20 tokens"):
+        long_documents(["abc", "defgh"], tokenizer, 20)
+
+
+def test_adding_a_model_keeps_the_other_models_records(tmp_path, monkeypatch):
+    from modeling_gptb.experiments import sample_efficiency
+
+    mini = sample_efficiency.PRESETS["mini"]
+    base = {**mini, "one_token": False, "gptb_variants": {}, "ablation_state_sizes": [], "norebias_control": False}
+    del base["segment"]
+    monkeypatch.setitem(sample_efficiency.PRESETS, "mini", base)
+    first = sample_efficiency.run("mini", [0], tmp_path)
+    assert set(first["runs"]) == {"gpt2_ctx16", "gpt2_ctx32"}
+    # the slow one-token model added, for one of two seeds: it trains last, the seed-0 GPT-2 records are read back
+    monkeypatch.setitem(sample_efficiency.PRESETS, "mini", {**base, "one_token": True, "one_token_seeds": 1})
+    second = sample_efficiency.run("mini", [0, 1], tmp_path)
+    assert second["runs"]["gpt2_ctx16"][0] == first["runs"]["gpt2_ctx16"][0]
+    assert [r["seed"] for r in second["runs"]["gptb"]] == [0] and second["summary"]["gptb"]["seeds"] == 1
+    assert [r["seed"] for r in second["runs"]["gpt2_ctx32"]] == [0, 1]
+    report = (tmp_path / "report.md").read_text()
+    assert "## Loss by position in long documents" in report and "| gptb | 1 |" in report
+    assert (tmp_path / "positions.png").read_bytes()[:4] == b"\x89PNG"

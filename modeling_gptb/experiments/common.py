@@ -269,25 +269,42 @@ def train_model(
     return history
 
 
-def window_logits(model, inputs: torch.Tensor, context: int | None = None) -> torch.Tensor:
+def window_logits(model, inputs: torch.Tensor, context: int | None = None, stride: int | None = None) -> torch.Tensor:
     """Logits (N, T, V) of `inputs` (N, T), cut into consecutive windows of `context` tokens that each start from
     scratch (no overlap; None: one pass over the whole row). This is how a fixed-context model (GPT-2) and GPTB's
-    no-memory control (every segment from the initial state) read a row longer than their window."""
+    no-memory control (every segment from the initial state) read a row longer than their window.
+
+    `stride` (0 < stride <= context; None: `context`): windows of `context` tokens start every `stride` tokens
+    (0, stride, 2·stride, ...) and each position's logits come from the first window that holds it. So position t
+    is predicted from tokens 0..t while t < context, and from the last c tokens up to t after that, c between
+    context - stride + 1 and context (stride 1: always exactly `context`; stride = context: the windows above).
+    """
     n, t = inputs.shape
     if context is None or context >= t:
         return model(input_ids=inputs).logits
+    if stride is not None and stride != context:
+        if not 0 < stride < context:
+            raise ValueError(f"stride must be between 1 and the context {context}, got {stride}")
+        pieces, start, end = [], 0, 0
+        while end < t:  # each window scores the positions the ones before it did not reach
+            window = inputs[:, start : start + context]
+            pieces.append(model(input_ids=window).logits[:, end - start :])
+            start, end = start + stride, start + window.shape[1]
+        return torch.cat(pieces, dim=1)
     pad = (-t) % context
     padded = torch.cat([inputs, inputs.new_zeros(n, pad)], dim=1)
     return model(input_ids=padded.reshape(-1, context)).logits.reshape(n, t + pad, -1)[:, :t]
 
 
 @torch.no_grad()
-def per_token_losses(model, blocks: torch.Tensor, batch_size: int, context: int | None = None) -> torch.Tensor:
+def per_token_losses(
+    model, blocks: torch.Tensor, batch_size: int, context: int | None = None, stride: int | None = None
+) -> torch.Tensor:
     """Next-token losses (nats), shape (N, T-1): target t+1 predicted from tokens 0..t of its block.
 
     `context`: for a fixed-context model (GPT-2) shorter than the block, the block is cut into consecutive
-    windows of `context` tokens that each start from scratch (`window_logits`), so every model predicts the same
-    targets; GPTB runs the whole block, carrying its state.
+    windows of `context` tokens that each start from scratch (`window_logits`, overlapping when `stride` is
+    below `context`), so every model predicts the same targets; GPTB runs the whole block, carrying its state.
     """
     dev = device()
     model.eval()
@@ -296,10 +313,17 @@ def per_token_losses(model, blocks: torch.Tensor, batch_size: int, context: int 
         x = blocks[start : start + batch_size].to(dev)
         inputs = x[:, :-1]
         n, t = inputs.shape
-        logits = window_logits(model, inputs, context)
+        logits = window_logits(model, inputs, context, stride)
         losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
         out.append(losses.view(n, t).cpu())
     return torch.cat(out)
+
+
+def bucket_means(losses: torch.Tensor, edges: list[int]) -> list[float]:
+    """Mean of per-token losses (N, T) over all rows in each position bucket [edges[i], edges[i+1])."""
+    if list(edges) != sorted(set(edges)) or edges[0] < 0 or edges[-1] > losses.shape[1]:
+        raise ValueError(f"bucket edges must increase from >= 0 to <= {losses.shape[1]} positions, got {edges}")
+    return [float(losses[:, a:b].double().mean()) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def loss_metrics(losses: torch.Tensor, blocks: torch.Tensor, byte_lengths: torch.Tensor) -> dict:
