@@ -94,6 +94,30 @@ def _recall(k: int, loss: str = "query", curriculum: bool = False) -> dict:
     return spec
 
 
+def _across_segments(k: int, pairs: int, count: int) -> dict:
+    """What a segment GPTB with `segment_length` k must carry across >= 2 segment boundaries, without a curriculum:
+    recall at distance 2k (the key at a random position 0..2k, the query 2k + 1 tokens later), with the query loss
+    and with the full LM loss; MQAR with its `pairs` pairs in segment 0 and its queries in segment 2, the last
+    (`2k - 2 pairs` distractors between them); `count` values to copy scattered over segments 0 and 1, the copy (the
+    GO tokens) in segment 2, the last. The recall tasks first, so they keep the held-out sets of their first run."""
+    if 2 * pairs > k or count > k:
+        raise ValueError(f"{pairs} pairs and {count} values must each fit one segment of {k} tokens")
+    return {
+        f"recall_k{2 * k}": _recall(2 * k),
+        f"recall_k{2 * k}_lm": _recall(2 * k, "lm"),
+        f"mqar_{pairs}_across": {
+            "task": "mqar",
+            "params": {"pairs": pairs, "gap": 2 * k - 2 * pairs},
+            "loss": "query",
+        },
+        "selective_copy_across": {
+            "task": "selective_copy",
+            "params": {"length": 2 * k, "count": count},
+            "loss": "query",
+        },
+    }
+
+
 def _budget(steps: int, eval_every: int, eval_batch: int = 256) -> dict:
     """What every preset shares (the model width, M = 4, batch 64, 1,024 held-out examples, the optimiser) and its
     training length."""
@@ -163,19 +187,30 @@ PRESETS = {
         },
         "models": {**_VARIANTS, **_BASELINES, "gpt2_ctx64": {"kind": "gpt2", "context": 64}},
     },
-    # Issue 18: recall across segments without a curriculum. With K = 16 and distance 32 the key sits at a random
-    # position 0..32 and the query 33 tokens later, so always >= 2 segments after the key's segment (tested); with
-    # the query loss and with the full LM loss. Against the one-token GPTB, GPT-2 with the whole sequence and with
-    # 16 tokens (cannot reach the key), the LSTM and the no-memory control. Untimed as a whole: the one-token GPTB
-    # reads 68 window steps per sequence (~0.5 s/step at 1 thread), the others ~0.05 s/step.
+    # Issue 18: memory across segments without a curriculum (`_across_segments`), segment GPTB with K = 16 against
+    # the one-token GPTB, GPT-2 with the whole sequence and with 16 tokens (cannot reach what is recalled), the
+    # LSTM and the no-memory control. Untimed as a whole: the one-token GPTB reads 68 window steps per recall
+    # sequence (~0.5 s/step at 1 thread), the segment GPTB ~0.12 s/step, the others 0.02-0.08 s/step.
     "segments": {
         **_budget(steps=1600, eval_every=200),
-        "tasks": {"recall_k32": _recall(32), "recall_k32_lm": _recall(32, "lm")},
+        "tasks": _across_segments(16, pairs=4, count=4),
         "models": {
             **_segments(16),
             "gptb_selective": _VARIANTS["gptb_selective"],
             "gpt2_full": _BASELINES["gpt2_full"],
             "gpt2_ctx16": {"kind": "gpt2", "context": 16},
+            "lstm": _BASELINES["lstm"],
+        },
+    },
+    # The same at the issue's scale, for a GPU: K = 64, recall at distance 128, MQAR with 8 pairs, 8 values to copy
+    "segments_gpu": {
+        **_budget(steps=3000, eval_every=250, eval_batch=512),
+        "tasks": _across_segments(64, pairs=8, count=8),
+        "models": {
+            **_segments(64),
+            "gptb_selective": _VARIANTS["gptb_selective"],
+            "gpt2_full": _BASELINES["gpt2_full"],
+            "gpt2_ctx64": {"kind": "gpt2", "context": 64},
             "lstm": _BASELINES["lstm"],
         },
     },
