@@ -94,12 +94,13 @@ def _recall(k: int, loss: str = "query", curriculum: bool = False) -> dict:
     return spec
 
 
-def _across_segments(k: int, pairs: int, count: int) -> dict:
+def _across_segments(k: int, pairs: int, count: int, budget: dict | None = None) -> dict:
     """What a segment GPTB with `segment_length` k must carry across >= 2 segment boundaries, without a curriculum:
     recall at distance 2k (the key at a random position 0..2k, the query 2k + 1 tokens later), with the query loss
     and with the full LM loss; MQAR with its `pairs` pairs in segment 0 and its queries in segment 2, the last
     (`2k - 2 pairs` distractors between them); `count` values to copy scattered over segments 0 and 1, the copy (the
-    GO tokens) in segment 2, the last. The recall tasks first, so they keep the held-out sets of their first run."""
+    GO tokens) in segment 2, the last. The recall tasks first, so they keep the held-out sets of their first run.
+    `budget` (`steps`, `eval_every`): the MQAR and copying tasks' own training length, where it differs."""
     if 2 * pairs > k or count > k:
         raise ValueError(f"{pairs} pairs and {count} values must each fit one segment of {k} tokens")
     return {
@@ -109,11 +110,13 @@ def _across_segments(k: int, pairs: int, count: int) -> dict:
             "task": "mqar",
             "params": {"pairs": pairs, "gap": 2 * k - 2 * pairs},
             "loss": "query",
+            **(budget or {}),
         },
         "selective_copy_across": {
             "task": "selective_copy",
             "params": {"length": 2 * k, "count": count},
             "loss": "query",
+            **(budget or {}),
         },
     }
 
@@ -193,7 +196,8 @@ PRESETS = {
     # sequence (~0.5 s/step at 1 thread), the segment GPTB ~0.12 s/step, the others 0.02-0.08 s/step.
     "segments": {
         **_budget(steps=1600, eval_every=200),
-        "tasks": _across_segments(16, pairs=4, count=4),
+        # MQAR and copying at half the steps, so that every model's three seeds fit one session of the shared CPU
+        "tasks": _across_segments(16, pairs=4, count=4, budget={"steps": 800, "eval_every": 100}),
         "models": {
             **_segments(16),
             "gptb_selective": _VARIANTS["gptb_selective"],
