@@ -367,6 +367,7 @@ def test_no_memory_control_trains_under_both_losses_and_is_never_recommended():
     p = {**memory.PRESETS["segments"], "steps": 2, "eval_every": 1, "test_size": 8, "batch": 4, "eval_batch": 8}
     spec = p["models"]["gptb_seg16_nomem"]
     for task in p["tasks"].values():
+        task = {**task, "steps": 2, "eval_every": 1}  # over a task's own budget
         test = held_out_set(task["task"], 8, 0, **task["params"])
         record = memory.train_one(task, spec, p, 0, test)
         assert len(record["accuracy"]) == 3 and record["config"]["segment_length"] == 16
