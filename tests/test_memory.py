@@ -1,6 +1,7 @@
 """The memory benchmark (issue 13 item 1): its task generators, held-out split, short-context windows and baselines."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -242,6 +243,19 @@ def test_runs_of_different_tasks_combine_into_one_result(tmp_path):
     memory.run("mini", [1], tmp_path / "f", tasks=["parity_4"], models=["lstm"])  # another seed of a pair
     seeds = memory.combine([tmp_path / "a", tmp_path / "f"], tmp_path / "seeds")["runs"]["parity_4"]["lstm"]
     assert [record["seed"] for record in seeds] == [0, 1]
+
+
+def test_report_names_a_tasks_own_budget_and_the_seconds_per_step(tmp_path, monkeypatch):
+    mini = memory.PRESETS["mini"]
+    tasks = {"parity_4": {**mini["tasks"]["parity_4"], "steps": 2, "eval_every": 1}, "mqar_2": mini["tasks"]["mqar_2"]}
+    monkeypatch.setitem(memory.PRESETS, "mini", {**mini, "tasks": tasks})
+    result = memory.run("mini", [0], tmp_path, models=["lstm"])
+    assert [len(result["runs"][t]["lstm"][0]["accuracy"]) for t in tasks] == [3, 3]  # steps 0, 1, 2 and 0, 2, 3
+    report = (tmp_path / "report.md").read_text()
+    assert "batch 8, 3 steps (`parity_4` 2), lr" in report
+    seconds = report.split("## Seconds per training step")[1].split("##")[0]
+    for task in tasks:
+        assert re.search(rf"\| {task} \| \d+\.\d{{3}} \|", seconds), seconds
 
 
 def test_report_cells_show_a_spread_only_over_several_seeds():

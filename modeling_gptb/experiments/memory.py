@@ -571,6 +571,13 @@ def _report(result: dict, out: Path) -> None:
         for task in summary
     ]
     table = common.markdown_table(["task", *models], rows)
+    seconds = common.markdown_table(
+        ["task", *models],
+        [
+            [task] + [f"{v['sec_per_step_mean']:.3f}" if (v := summary[task].get(m)) else "–" for m in models]
+            for task in summary
+        ],
+    )
     solved = {
         m: [t for t in summary if m in summary[t] and summary[t][m]["solved_seeds"] == summary[t][m]["seeds"]]
         for m in models
@@ -579,15 +586,18 @@ def _report(result: dict, out: Path) -> None:
         f"- `{m}` solves (>= {SOLVED} in every seed): {', '.join(s) or 'nothing'}" for m, s in solved.items()
     )
     p = result["config"]
+    own = [f"`{t}` {p['tasks'][t]['steps']}" for t in summary if "steps" in p["tasks"][t]]  # a task's own budget
+    steps = f"{p['steps']} steps" + (f" ({', '.join(own)})" if own else "")
     common.experiment_report(
         out,
         "Memory: recall, MQAR, selective copying and parity",
         result,
         [
             f"Width {p['arch']['n_embd']}, depth {p['arch']['n_layer']}, {p['arch']['n_head']} heads, GPTB state "
-            f"{p['state_size']} slots; batch {p['batch']}, {p['steps']} steps, lr {p['train']['lr']}; accuracy on "
+            f"{p['state_size']} slots; batch {p['batch']}, {steps}, lr {p['train']['lr']}; accuracy on "
             f"{p['test_size']} held-out sequences per task. Recommended GPTB configuration: `{result['best_model']}`.",
             "## Final held-out accuracy (mean ± s.d.; seeds >= 0.95 in brackets)\n\n" + table,
+            "## Seconds per training step (mean over seeds; the machine above)\n\n" + seconds,
             "## Reading\n\n" + reading,
             "![memory](memory.png)",
         ],
