@@ -312,6 +312,8 @@ def test_segments_presets_put_what_every_query_recalls_in_earlier_segments(prese
                 assert min(first) == 0 and max(first) == spec["params"]["distance"], name
             if spec["task"] == "selective_copy":  # the values spread over both earlier segments
                 assert segments == set(range(last)), name
+    with pytest.raises(ValueError, match="9 pairs and 4 values must each fit one segment of 16 tokens"):
+        memory._across_segments(16, pairs=9, count=4)
 
 
 def test_no_memory_control_scores_each_segment_from_the_initial_state():
