@@ -1,6 +1,7 @@
 """The memory benchmark (issue 13 item 1): its task generators, held-out split, short-context windows and baselines."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -59,6 +60,24 @@ def test_mqar_scores_each_repeated_key_with_its_value():
         assert sorted(asked.tolist()) == sorted(keys.tolist())
         assert targets[8::2].tolist() == [pairs[k] for k in asked.tolist()] == inputs[9::2].tolist()
         assert (targets[:8] == IGNORE).all() and (targets[9::2] == IGNORE).all()
+
+
+def test_mqar_gap_puts_distractors_between_the_pairs_and_the_queries():
+    batch = make_batch("mqar", 50, generator(1), pairs=3, gap=5)
+    assert batch.inputs.shape == (50, 17)
+    for inputs, targets in zip(batch.inputs, batch.targets, strict=True):
+        pairs = dict(zip(inputs[:6:2].tolist(), inputs[1:6:2].tolist(), strict=True))
+        assert len(pairs) == 3 and all(k in KEYS for k in pairs) and all(v < VALUES for v in pairs.values())
+        assert all(int(t) in DISTRACTORS for t in inputs[6:11])
+        asked = inputs[11::2].tolist()
+        assert sorted(asked) == sorted(pairs)
+        assert targets[11::2].tolist() == [pairs[k] for k in asked] == inputs[12::2].tolist()
+        assert (targets[:11] == IGNORE).all() and (targets[12::2] == IGNORE).all()
+    plain, gapless = make_batch("mqar", 8, generator(2), pairs=3), make_batch("mqar", 8, generator(2), pairs=3, gap=0)
+    assert torch.equal(plain.inputs, gapless.inputs) and torch.equal(plain.targets, gapless.targets)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"mqar needs an integer gap >= 0, got {bad!r}"):
+            make_batch("mqar", 2, generator(), pairs=2, gap=bad)
 
 
 def test_selective_copy_asks_for_the_values_in_order():
@@ -226,6 +245,19 @@ def test_runs_of_different_tasks_combine_into_one_result(tmp_path):
     assert [record["seed"] for record in seeds] == [0, 1]
 
 
+def test_report_names_a_tasks_own_budget_and_the_seconds_per_step(tmp_path, monkeypatch):
+    mini = memory.PRESETS["mini"]
+    tasks = {"parity_4": {**mini["tasks"]["parity_4"], "steps": 2, "eval_every": 1}, "mqar_2": mini["tasks"]["mqar_2"]}
+    monkeypatch.setitem(memory.PRESETS, "mini", {**mini, "tasks": tasks})
+    result = memory.run("mini", [0], tmp_path, models=["lstm"])
+    assert [len(result["runs"][t]["lstm"][0]["accuracy"]) for t in tasks] == [3, 3]  # steps 0, 1, 2 and 0, 2, 3
+    report = (tmp_path / "report.md").read_text()
+    assert "batch 8, 3 steps (`parity_4` 2), lr" in report
+    seconds = report.split("## Seconds per training step")[1].split("##")[0]
+    for task in tasks:
+        assert re.search(rf"\| {task} \| \d+\.\d{{3}} \|", seconds), seconds
+
+
 def test_report_cells_show_a_spread_only_over_several_seeds():
     one = {"seeds": 1, "final_accuracy_mean": 0.5678, "final_accuracy_std": 0.0}
     three = {"seeds": 3, "final_accuracy_mean": 0.5678, "final_accuracy_std": 0.0123}
@@ -233,23 +265,55 @@ def test_report_cells_show_a_spread_only_over_several_seeds():
 
 
 # Issue 18 item 3: recall across segments, without a curriculum, against segment GPTB's no-memory control.
-def test_segments_preset_puts_every_key_two_segments_before_its_query():
-    p = memory.PRESETS["segments"]
-    k = p["models"]["gptb_seg16_selective"]["overrides"]["segment_length"]
-    assert k == 16 and {spec["loss"] for spec in p["tasks"].values()} == {"query", "lm"}
-    for index, (name, spec) in enumerate(p["tasks"].items()):
-        assert spec["task"] == "recall" and "curriculum" not in spec, name
-        distance = spec["params"]["distance"]
+def _recalled_positions(task: str, inputs: torch.Tensor, targets: torch.Tensor) -> list[list[int]]:
+    """Per row, where the tokens its scored steps must recall sit, found from the sequence itself."""
+    rows = []
+    for row, target in zip(inputs, targets, strict=True):
+        scored = (target != IGNORE).nonzero()[:, 0]
+        if task == "recall":  # the one value before the query
+            rows.append((row[: int(scored[0])] < VALUES).nonzero()[:, 0].tolist())
+        elif task == "mqar":  # each asked key where it was first given, and the value after it
+            firsts = [int((row == row[t]).nonzero()[0, 0]) for t in scored.tolist()]
+            assert all(int(row[f + 1]) == int(target[t]) for f, t in zip(firsts, scored.tolist(), strict=True))
+            rows.append(sorted(firsts + [f + 1 for f in firsts]))
+        else:  # selective_copy: the values among the NOISE before the first GO
+            rows.append((row[: int(scored[0])] != NOISE).nonzero()[:, 0].tolist())
+    return rows
+
+
+@pytest.mark.parametrize("preset", ["segments", "segments_gpu"])
+def test_segments_presets_put_what_every_query_recalls_in_earlier_segments(preset):
+    p = memory.PRESETS[preset]
+    (k,) = {
+        spec["overrides"]["segment_length"]
+        for spec in p["models"].values()
+        if "segment_length" in spec.get("overrides", {})
+    }
+    tasks = p["tasks"]
+    assert [spec["task"] for spec in tasks.values()] == ["recall", "recall", "mqar", "selective_copy"]
+    assert [spec["loss"] for spec in tasks.values()] == ["query", "lm", "query", "query"]
+    for index, (name, spec) in enumerate(tasks.items()):
+        assert "curriculum" not in spec, name
         for batch in (
-            held_out_set("recall", 1024, index, **spec["params"]),
-            make_batch("recall", 256, generator(), **spec["params"]),
+            held_out_set(spec["task"], 1024, index, **spec["params"]),
+            make_batch(spec["task"], 256, generator(), **spec["params"]),
         ):
-            rows, query_at = (batch.inputs == QUERY).nonzero(as_tuple=True)
-            assert torch.equal(rows, torch.arange(len(batch.inputs)))  # one query per sequence
-            key_at = query_at - distance - 1
-            assert torch.equal(batch.inputs[rows, key_at], batch.targets[rows, query_at])  # the key is the answer
-            assert ((query_at // k) - (key_at // k)).min() >= 2  # >= 2 segment boundaries between key and query
-            assert key_at.min() == 0 and key_at.max() == distance  # at a random position, the whole range used
+            recalled = _recalled_positions(spec["task"], batch.inputs, batch.targets)
+            last = (batch.inputs.shape[1] - 1) // k
+            for positions, target in zip(recalled, batch.targets, strict=True):
+                scored = (target != IGNORE).nonzero()[:, 0]
+                back = 1 if spec["task"] == "selective_copy" else 2  # recall and MQAR: >= 2 segment boundaries
+                assert positions and min(scored.tolist()) // k - max(positions) // k >= back, name
+                if spec["task"] != "recall":  # the queries and the copy: all in the last segment
+                    assert {t // k for t in scored.tolist()} == {last}, name
+            segments = {position // k for positions in recalled for position in positions}
+            first = [positions[0] for positions in recalled]
+            if spec["task"] == "recall":  # the key at a random position, the whole range used
+                assert min(first) == 0 and max(first) == spec["params"]["distance"], name
+            if spec["task"] == "selective_copy":  # the values spread over both earlier segments
+                assert segments == set(range(last)), name
+    with pytest.raises(ValueError, match="9 pairs and 4 values must each fit one segment of 16 tokens"):
+        memory._across_segments(16, pairs=9, count=4)
 
 
 def test_no_memory_control_scores_each_segment_from_the_initial_state():
@@ -275,11 +339,52 @@ def test_no_memory_control_scores_each_segment_from_the_initial_state():
     assert (carried - fresh).abs().max() > 1e-3  # the memory model reads what earlier segments wrote
 
 
+def _key_gradient(model, batch, reset=None) -> torch.Tensor:
+    """Per row, the norm of the query loss's gradient with respect to the key token's input embedding."""
+    embedded = {}
+
+    def keep(module, args, output):
+        output.retain_grad()
+        embedded["x"] = output
+
+    hook = model.get_input_embeddings().register_forward_hook(keep)
+    try:
+        logits = memory.scored_logits(model, batch.inputs, batch.targets, None, reset)
+    finally:
+        hook.remove()
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(logits, batch.targets[batch.targets != IGNORE]).backward()
+    rows, query_at = (batch.inputs == QUERY).nonzero(as_tuple=True)
+    grad = embedded["x"].grad.reshape(
+        len(batch.inputs), -1, embedded["x"].shape[-1]
+    )  # segments read as rows: rejoined
+    return grad[rows, query_at - 32 - 1].norm(dim=-1)
+
+
+def test_query_loss_reaches_the_key_through_two_segment_steps():
+    p = memory.PRESETS["segments"]
+    batch = make_batch("recall", 8, generator(3), distance=32)  # every key >= 2 segments before its query
+    for name in ("gptb_seg16_replace", "gptb_seg16_selective", "gptb_seg16_nomem"):
+        spec = p["models"][name]
+        torch.manual_seed(0)
+        model = memory.build_model(spec, p, 68).train()
+        at_init = _key_gradient(model, batch, spec.get("reset_every"))
+        torch.optim.Adam(model.parameters(), lr=1e-3).step()  # one training step on that gradient
+        after_a_step = _key_gradient(model, batch, spec.get("reset_every"))
+        if name == "gptb_seg16_nomem":  # every segment from the initial state: nothing crosses a boundary
+            assert (at_init == 0).all() and (after_a_step == 0).all()
+        elif name == "gptb_seg16_selective":  # the write starts at zero (W_w = 0, b_w = 0) and a = 1 drops U
+            assert (at_init == 0).all() and (after_a_step > 0).all()
+        else:  # the seed's step: the write slots are the next state
+            assert (at_init > 0).all() and (after_a_step > 0).all()
+
+
 def test_no_memory_control_trains_under_both_losses_and_is_never_recommended():
     p = {**memory.PRESETS["segments"], "steps": 2, "eval_every": 1, "test_size": 8, "batch": 4, "eval_batch": 8}
     spec = p["models"]["gptb_seg16_nomem"]
     for task in p["tasks"].values():
-        test = held_out_set("recall", 8, 0, **task["params"])
+        task = {**task, "steps": 2, "eval_every": 1}  # over a task's own budget
+        test = held_out_set(task["task"], 8, 0, **task["params"])
         record = memory.train_one(task, spec, p, 0, test)
         assert len(record["accuracy"]) == 3 and record["config"]["segment_length"] == 16
     summary = {

@@ -94,6 +94,33 @@ def _recall(k: int, loss: str = "query", curriculum: bool = False) -> dict:
     return spec
 
 
+def _across_segments(k: int, pairs: int, count: int, budget: dict | None = None) -> dict:
+    """What a segment GPTB with `segment_length` k must carry across >= 2 segment boundaries, without a curriculum:
+    recall at distance 2k (the key at a random position 0..2k, the query 2k + 1 tokens later), with the query loss
+    and with the full LM loss; MQAR with its `pairs` pairs in segment 0 and its queries in segment 2, the last
+    (`2k - 2 pairs` distractors between them); `count` values to copy scattered over segments 0 and 1, the copy (the
+    GO tokens) in segment 2, the last. The recall tasks first, so they keep the held-out sets of their first run.
+    `budget` (`steps`, `eval_every`): the MQAR and copying tasks' own training length, where it differs."""
+    if 2 * pairs > k or count > k:
+        raise ValueError(f"{pairs} pairs and {count} values must each fit one segment of {k} tokens")
+    return {
+        f"recall_k{2 * k}": _recall(2 * k),
+        f"recall_k{2 * k}_lm": _recall(2 * k, "lm"),
+        f"mqar_{pairs}_across": {
+            "task": "mqar",
+            "params": {"pairs": pairs, "gap": 2 * k - 2 * pairs},
+            "loss": "query",
+            **(budget or {}),
+        },
+        "selective_copy_across": {
+            "task": "selective_copy",
+            "params": {"length": 2 * k, "count": count},
+            "loss": "query",
+            **(budget or {}),
+        },
+    }
+
+
 def _budget(steps: int, eval_every: int, eval_batch: int = 256) -> dict:
     """What every preset shares (the model width, M = 4, batch 64, 1,024 held-out examples, the optimiser) and its
     training length."""
@@ -163,19 +190,31 @@ PRESETS = {
         },
         "models": {**_VARIANTS, **_BASELINES, "gpt2_ctx64": {"kind": "gpt2", "context": 64}},
     },
-    # Issue 18: recall across segments without a curriculum. With K = 16 and distance 32 the key sits at a random
-    # position 0..32 and the query 33 tokens later, so always >= 2 segments after the key's segment (tested); with
-    # the query loss and with the full LM loss. Against the one-token GPTB, GPT-2 with the whole sequence and with
-    # 16 tokens (cannot reach the key), the LSTM and the no-memory control. Untimed as a whole: the one-token GPTB
-    # reads 68 window steps per sequence (~0.5 s/step at 1 thread), the others ~0.05 s/step.
+    # Issue 18: memory across segments without a curriculum (`_across_segments`), segment GPTB with K = 16 against
+    # the one-token GPTB, GPT-2 with the whole sequence and with 16 tokens (cannot reach what is recalled), the
+    # LSTM and the no-memory control. Untimed as a whole: the one-token GPTB reads 68 window steps per recall
+    # sequence (~0.5 s/step at 1 thread), the segment GPTB ~0.12 s/step, the others 0.02-0.08 s/step.
     "segments": {
         **_budget(steps=1600, eval_every=200),
-        "tasks": {"recall_k32": _recall(32), "recall_k32_lm": _recall(32, "lm")},
+        # MQAR and copying at half the steps, so that every model's three seeds fit one session of the shared CPU
+        "tasks": _across_segments(16, pairs=4, count=4, budget={"steps": 800, "eval_every": 100}),
         "models": {
             **_segments(16),
             "gptb_selective": _VARIANTS["gptb_selective"],
             "gpt2_full": _BASELINES["gpt2_full"],
             "gpt2_ctx16": {"kind": "gpt2", "context": 16},
+            "lstm": _BASELINES["lstm"],
+        },
+    },
+    # The same at the issue's scale, for a GPU: K = 64, recall at distance 128, MQAR with 8 pairs, 8 values to copy
+    "segments_gpu": {
+        **_budget(steps=3000, eval_every=250, eval_batch=512),
+        "tasks": _across_segments(64, pairs=8, count=8),
+        "models": {
+            **_segments(64),
+            "gptb_selective": _VARIANTS["gptb_selective"],
+            "gpt2_full": _BASELINES["gpt2_full"],
+            "gpt2_ctx64": {"kind": "gpt2", "context": 64},
             "lstm": _BASELINES["lstm"],
         },
     },
@@ -532,6 +571,13 @@ def _report(result: dict, out: Path) -> None:
         for task in summary
     ]
     table = common.markdown_table(["task", *models], rows)
+    seconds = common.markdown_table(
+        ["task", *models],
+        [
+            [task] + [f"{v['sec_per_step_mean']:.3f}" if (v := summary[task].get(m)) else "–" for m in models]
+            for task in summary
+        ],
+    )
     solved = {
         m: [t for t in summary if m in summary[t] and summary[t][m]["solved_seeds"] == summary[t][m]["seeds"]]
         for m in models
@@ -540,15 +586,18 @@ def _report(result: dict, out: Path) -> None:
         f"- `{m}` solves (>= {SOLVED} in every seed): {', '.join(s) or 'nothing'}" for m, s in solved.items()
     )
     p = result["config"]
+    own = [f"`{t}` {p['tasks'][t]['steps']}" for t in summary if "steps" in p["tasks"][t]]  # a task's own budget
+    steps = f"{p['steps']} steps" + (f" ({', '.join(own)})" if own else "")
     common.experiment_report(
         out,
         "Memory: recall, MQAR, selective copying and parity",
         result,
         [
             f"Width {p['arch']['n_embd']}, depth {p['arch']['n_layer']}, {p['arch']['n_head']} heads, GPTB state "
-            f"{p['state_size']} slots; batch {p['batch']}, {p['steps']} steps, lr {p['train']['lr']}; accuracy on "
+            f"{p['state_size']} slots; batch {p['batch']}, {steps}, lr {p['train']['lr']}; accuracy on "
             f"{p['test_size']} held-out sequences per task. Recommended GPTB configuration: `{result['best_model']}`.",
             "## Final held-out accuracy (mean ± s.d.; seeds >= 0.95 in brackets)\n\n" + table,
+            "## Seconds per training step (mean over seeds; the machine above)\n\n" + seconds,
             "## Reading\n\n" + reading,
             "![memory](memory.png)",
         ],

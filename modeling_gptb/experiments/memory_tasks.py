@@ -9,7 +9,8 @@ scored positions only or with the full language-modelling loss.
   the distractors come from 16 other tokens, so the model must write the one value it sees and keep it; `j` is
   uniform in [0, distance], so the key's position varies as much as the distance it must be kept over. Chance: 1/16.
 - `mqar`: multi-query associative recall (Zoology, Based, Mamba): `pairs` distinct keys each followed by a value,
-  then every key again in random order, each followed by its value; scored at each repeated key. Chance: 1/16.
+  then every key again in random order, each followed by its value; scored at each repeated key. `gap` recall
+  distractors between the pairs and the queries put them in different segments of a segment GPTB. Chance: 1/16.
 - `selective_copy`: `count` values at random positions of `length` NOISE tokens, then `count` GO tokens; scored at
   each GO, which must give the values in order. Chance: 1/16.
 - `parity`: `length` random bits; scored at every step with the parity of the bits so far. Chance: 1/2.
@@ -60,17 +61,24 @@ def recall(n: int, generator: torch.Generator, distance: int) -> TaskBatch:
     return TaskBatch(inputs, targets)
 
 
-def mqar(n: int, generator: torch.Generator, pairs: int) -> TaskBatch:
-    """[k1 v1 ... kp vp, then each key again in random order followed by its value]; scored at the repeated keys."""
+def mqar(n: int, generator: torch.Generator, pairs: int, gap: int = 0) -> TaskBatch:
+    """[k1 v1 ... kp vp, `gap` distractors, then each key again in random order followed by its value]: 4·pairs +
+    gap tokens, scored at the repeated keys."""
     if not 1 <= pairs <= len(KEYS):
         raise ValueError(f"mqar needs 1 <= pairs <= {len(KEYS)}, got {pairs}")
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
+        raise ValueError(f"mqar needs an integer gap >= 0, got {gap!r}")
     keys = torch.argsort(torch.rand(n, len(KEYS), generator=generator), dim=1)[:, :pairs] + KEYS.start
     values = _values(n, pairs, generator)
     order = torch.argsort(torch.rand(n, pairs, generator=generator), dim=1)
     asked, answers = keys.gather(1, order), values.gather(1, order)
-    inputs = torch.stack([torch.cat([keys, asked], 1), torch.cat([values, answers], 1)], dim=2).reshape(n, 4 * pairs)
+    stored = torch.stack([keys, values], dim=2).reshape(n, 2 * pairs)
+    queries = torch.stack([asked, answers], dim=2).reshape(n, 2 * pairs)
+    # drawn last, so gap = 0 draws exactly the sequences it drew before the gap existed
+    between = torch.randint(DISTRACTORS.start, DISTRACTORS.stop, (n, gap), generator=generator)
+    inputs = torch.cat([stored, between, queries], dim=1)
     targets = torch.full_like(inputs, IGNORE)
-    targets[:, 2 * pairs :: 2] = answers
+    targets[:, 2 * pairs + gap :: 2] = answers
     return TaskBatch(inputs, targets)
 
 
