@@ -8,8 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .art_memory import ARTMemory
-from .modeling_gptb import first_valid_tokens
+from .modeling_gptb import art_memory_for, first_valid_tokens
 
 _QUANTILES = (0.5, 0.9, 0.99)
 # An uncalibrated memory's verdict is the vigilance's: what an update would do with the text (`classify`).
@@ -82,22 +81,12 @@ def fit_art_memory(
     wanted.art_pooling = config.art_pooling if pooling is None else pooling
     wanted.art_pool_layers = config.art_pool_layers if pool_layers is None else pool_layers
     wanted.check_values()  # a bad pooling is refused before the model changes
+    wanted.art_input_transform, wanted.art_vigilance = transform, vigilance  # checked by the memory built from them
     if (transform, vigilance, wanted.art_input_dim) != (memory.input_transform, memory.vigilance, memory.dim):
-        memory = ARTMemory(
-            wanted.art_input_dim,
-            rule=memory.rule,
-            vigilance=vigilance,
-            beta=memory.beta,
-            alpha=memory.alpha,
-            max_categories=memory.max_categories,
-            input_transform=transform,
-            lift=config.art_lift,
-            device=memory.weight.device,
-            dtype=memory.weight.dtype,
-        )  # checks the values before the model changes
-        model.art_memory = memory
-        config.art_input_transform, config.art_vigilance = transform, vigilance
-    config.art_pooling, config.art_pool_layers = wanted.art_pooling, wanted.art_pool_layers
+        memory = art_memory_for(wanted, device=memory.weight.device, dtype=memory.weight.dtype)
+        model.art_memory = memory  # only once the new memory is built: a bad value leaves the model as it was
+    for field in ("art_input_transform", "art_vigilance", "art_pooling", "art_pool_layers"):
+        setattr(config, field, getattr(wanted, field))
     pooled = sequence_scores(model, input_ids, attention_mask, batch_size)["pooled"]
     memory.fit_input_transform(pooled)
     memory.update(pooled, exemplars=first_valid_tokens(input_ids, attention_mask))

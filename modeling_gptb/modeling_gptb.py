@@ -739,8 +739,8 @@ def _skipped_rows_filled(art: ARTOutput, kept: torch.Tensor) -> ARTOutput:
     return ARTOutput(*filled)
 
 
-def art_memory_for(config: GPTBConfig) -> ARTMemory:
-    """The empty ART memory a model of `config` holds (`config.art_enabled`)."""
+def art_memory_for(config: GPTBConfig, **placement) -> ARTMemory:
+    """The empty ART memory a model of `config` holds (`config.art_enabled`); `placement`: `device`, `dtype`."""
     return ARTMemory(
         config.art_input_dim,
         rule=config.art_rule,
@@ -750,6 +750,7 @@ def art_memory_for(config: GPTBConfig) -> ARTMemory:
         max_categories=config.art_max_categories,
         input_transform=config.art_input_transform,
         lift=config.art_lift,
+        **placement,
     )
 
 
@@ -1054,8 +1055,8 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
     @property
     def pools_every_layer(self) -> bool:
         """Whether `pool` reads every layer's hidden states (`config.art_pool_layers="all"`): the transformer must
-        then be called with `output_hidden_states=True`."""
-        return self.config.art_pool_layers == "all" and self.config.art_pooling != "state"
+        then be called with `output_hidden_states=True` (the config refuses "all" with `art_pooling="state"`)."""
+        return self.config.art_pool_layers == "all"
 
     def pool(self, outputs: GPTBModelOutput, attention_mask=None) -> torch.Tensor:
         """The `(batch_size, config.art_input_dim)` representation of each sequence: `config.art_pooling` over the
