@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --fit-on: what the memory sees",
     )
     report.add_argument("--vigilance", type=float, help="with --fit-on: the memory's vigilance")
+    report.add_argument("--max-categories", type=int, help="with --fit-on: the memory's capacity (art_max_categories)")
     report.add_argument(
         "--pooling",
         choices=("mean", "state", "last", "mean_std_max"),  # ART_POOLINGS, without importing torch

@@ -61,16 +61,18 @@ def fit_art_memory(
     vigilance: float | None = None,
     pooling: str | None = None,
     pool_layers: str | None = None,
+    max_categories: int | None = None,
 ) -> dict:
     """
     Rebuild the model's ART memory from the trained model's own states: fit the input transform on the pooled
     vectors of `input_ids` (a sample of training sequences), forget the categories learned while the representation
     was still changing, and learn these sequences in order (each new category keeps its sequence's first tokens).
 
-    `input_transform`, `vigilance`, `pooling` and `pool_layers`, if given, replace the config's
-    (`art_input_transform`, `art_vigilance`, `art_pooling`, `art_pool_layers`; the config is updated, so the model
-    saves and loads with them): train with the default input, then fit the memory a detector needs (the novelty
-    experiment's best: `pooling="mean_std_max", pool_layers="all", input_transform="standardize"`). Under
+    `input_transform`, `vigilance`, `pooling`, `pool_layers` and `max_categories`, if given, replace the config's
+    (`art_input_transform`, `art_vigilance`, `art_pooling`, `art_pool_layers`, `art_max_categories`; the config is
+    updated, so the model saves and loads with them): train with the default input, then fit the memory a detector
+    needs (the novelty experiment's best: `pooling="mean_std_max", pool_layers="all", input_transform="standardize",
+    vigilance=0.98`, with room for about half the fitted sequences as categories). Under
     `torch.distributed` each rank passes its share. Returns `{"categories": ..., "sequences": ...}`.
     """
     memory = _memory(model)
@@ -80,12 +82,15 @@ def fit_art_memory(
     wanted = copy.deepcopy(config)
     wanted.art_pooling = config.art_pooling if pooling is None else pooling
     wanted.art_pool_layers = config.art_pool_layers if pool_layers is None else pool_layers
+    if max_categories is not None:
+        wanted.art_max_categories = max_categories
     wanted.check_values()  # a bad pooling is refused before the model changes
     wanted.art_input_transform, wanted.art_vigilance = transform, vigilance  # checked by the memory built from them
-    if (transform, vigilance, wanted.art_input_dim) != (memory.input_transform, memory.vigilance, memory.dim):
+    built = (memory.input_transform, memory.vigilance, memory.dim, memory.max_categories)
+    if (transform, vigilance, wanted.art_input_dim, wanted.art_max_categories) != built:
         memory = art_memory_for(wanted, device=memory.weight.device, dtype=memory.weight.dtype)
         model.art_memory = memory  # only once the new memory is built: a bad value leaves the model as it was
-    for field in ("art_input_transform", "art_vigilance", "art_pooling", "art_pool_layers"):
+    for field in ("art_input_transform", "art_vigilance", "art_pooling", "art_pool_layers", "art_max_categories"):
         setattr(config, field, getattr(wanted, field))
     pooled = sequence_scores(model, input_ids, attention_mask, batch_size)["pooled"]
     memory.fit_input_transform(pooled)
@@ -118,7 +123,7 @@ def _describe(memory, tokenizer, category: int) -> dict:
 def _verdict_words(novel: bool, percentile: float, fpr: float) -> str:
     if novel:
         return f"novel: less familiar than {percentile:.0f}% of in-domain text (calibrated at {fpr:.0%} false alarms)"
-    return f"familiar: as familiar as in-domain text ({percentile:.0f}th percentile; novel above {1 - fpr:.0%})"
+    return f"familiar: as familiar as in-domain text ({_ordinal(percentile)} percentile; novel above {1 - fpr:.0%})"
 
 
 @torch.no_grad()

@@ -104,13 +104,15 @@ def cmd_art_report(args) -> int:
                 vigilance=args.vigilance,
                 pooling=args.pooling,
                 pool_layers=args.pool_layers,
+                max_categories=args.max_categories,
             )
         except ValueError as error:
             raise CLIError(f"could not fit the memory: {error}") from error
         print(f"fitted the memory on {fitted['sequences']} blocks of {args.fit_on}: {fitted['categories']} categories")
-    elif args.input_transform or args.pooling or args.pool_layers or args.vigilance is not None:
+    elif any(value is not None for value in fitting_options(args)):
         raise CLIError(
-            "--input-transform, --pooling, --pool-layers and --vigilance apply when fitting: pass --fit-on too"
+            "--input-transform, --pooling, --pool-layers, --vigilance and --max-categories apply when fitting: "
+            "pass --fit-on too"
         )
     if args.calibrate_on:
         blocks = _art_blocks(args.calibrate_on, "validation", tokenizer, args.blocks)
@@ -125,6 +127,11 @@ def cmd_art_report(args) -> int:
         save_model_in_place(model, Path(args.folder))
     print(format_art_report(art_report(model, tokenizer, texts)))
     return 0
+
+
+def fitting_options(args) -> tuple:
+    """The art-report options that shape a fitted memory (None where not given)."""
+    return args.input_transform, args.pooling, args.pool_layers, args.vigilance, args.max_categories
 
 
 def save_model_in_place(model, folder: Path) -> None:

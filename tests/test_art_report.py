@@ -117,3 +117,13 @@ def test_a_memory_that_learned_nothing_says_so():
     assert report["texts"][0]["nearest"] is None
     text = format_art_report(report)
     assert "novel: no category passes the vigilance" in text and "percentile" not in text.splitlines()[-1]
+
+
+def test_percentiles_are_spelled_as_ordinals_in_every_verdict():
+    from modeling_gptb.art_report import _ordinal, _verdict_words
+
+    expected = {0: "0th", 1: "1st", 2: "2nd", 3: "3rd", 4: "4th", 11: "11th", 12: "12th", 13: "13th", 21: "21st"}
+    expected |= {22: "22nd", 83: "83rd", 100: "100th", 101: "101st", 111: "111th", 112: "112th"}
+    assert {n: _ordinal(n) for n in expected} == expected
+    assert "(83rd percentile; novel above 95%)" in _verdict_words(False, 82.6, 0.05)
+    assert "less familiar than 97% of in-domain text" in _verdict_words(True, 97.2, 0.05)
