@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --fit-on: what the memory sees",
     )
     report.add_argument("--vigilance", type=float, help="with --fit-on: the memory's vigilance")
+    report.add_argument("--beta", type=float, help="with --fit-on: the memory's learning rate (art_beta)")
     report.add_argument("--max-categories", type=int, help="with --fit-on: the memory's capacity (art_max_categories)")
     report.add_argument(
         "--pooling",

@@ -62,36 +62,38 @@ def fit_art_memory(
     pooling: str | None = None,
     pool_layers: str | None = None,
     max_categories: int | None = None,
+    beta: float | None = None,
 ) -> dict:
     """
     Rebuild the model's ART memory from the trained model's own states: fit the input transform on the pooled
     vectors of `input_ids` (a sample of training sequences), forget the categories learned while the representation
     was still changing, and learn these sequences in order (each new category keeps its sequence's first tokens).
 
-    `input_transform`, `vigilance`, `pooling`, `pool_layers` and `max_categories`, if given, replace the config's
-    (`art_input_transform`, `art_vigilance`, `art_pooling`, `art_pool_layers`, `art_max_categories`; the config is
-    updated, so the model saves and loads with them): train with the default input, then fit the memory a detector
-    needs (the novelty experiment's best: `pooling="mean_std_max", pool_layers="all", input_transform="standardize",
-    vigilance=0.98`, with room for about half the fitted sequences as categories). Under
+    `input_transform`, `vigilance`, `pooling`, `pool_layers`, `max_categories` and `beta`, if given, replace the
+    config's `art_*` field of the same name (`art_input_transform`, ...; the config is updated, so the model saves and
+    loads with them): train with the default input, then fit the memory a detector needs (the novelty experiment's
+    best: `pooling="mean_std_max", pool_layers="all", input_transform="standardize", vigilance=0.98, beta=0.1`, with
+    room for about half the fitted sequences as categories). A bad value is refused before the model changes. Under
     `torch.distributed` each rank passes its share. Returns `{"categories": ..., "sequences": ...}`.
     """
-    memory = _memory(model)
-    config = model.config
-    transform = config.art_input_transform if input_transform is None else input_transform
-    vigilance = config.art_vigilance if vigilance is None else vigilance
-    wanted = copy.deepcopy(config)
-    wanted.art_pooling = config.art_pooling if pooling is None else pooling
-    wanted.art_pool_layers = config.art_pool_layers if pool_layers is None else pool_layers
-    if max_categories is not None:
-        wanted.art_max_categories = max_categories
-    wanted.check_values()  # a bad pooling is refused before the model changes
-    wanted.art_input_transform, wanted.art_vigilance = transform, vigilance  # checked by the memory built from them
-    built = (memory.input_transform, memory.vigilance, memory.dim, memory.max_categories)
-    if (transform, vigilance, wanted.art_input_dim, wanted.art_max_categories) != built:
-        memory = art_memory_for(wanted, device=memory.weight.device, dtype=memory.weight.dtype)
-        model.art_memory = memory  # only once the new memory is built: a bad value leaves the model as it was
-    for field in ("art_input_transform", "art_vigilance", "art_pooling", "art_pool_layers", "art_max_categories"):
-        setattr(config, field, getattr(wanted, field))
+    given = {
+        "art_input_transform": input_transform,
+        "art_vigilance": vigilance,
+        "art_pooling": pooling,
+        "art_pool_layers": pool_layers,
+        "art_max_categories": max_categories,
+        "art_beta": beta,
+    }
+    old = _memory(model)
+    wanted = copy.deepcopy(model.config)
+    for field, value in given.items():
+        if value is not None:
+            setattr(wanted, field, value)
+    wanted.check_values()
+    memory = art_memory_for(wanted, device=old.weight.device, dtype=old.weight.dtype)  # checks the memory's values
+    model.art_memory = memory
+    for field in given:
+        setattr(model.config, field, getattr(wanted, field))
     pooled = sequence_scores(model, input_ids, attention_mask, batch_size)["pooled"]
     memory.fit_input_transform(pooled)
     memory.update(pooled, exemplars=first_valid_tokens(input_ids, attention_mask))
@@ -187,7 +189,8 @@ def art_report(model, tokenizer, texts=(), top=5) -> dict:
 def _category_line(described: dict) -> str:
     created = "" if described["created_at"] < 0 else f", created at sequence {described['created_at']}"
     exemplar = "" if described["exemplar"] is None else f", e.g. {described['exemplar']!r}"
-    return f"#{described['category']} ({described['count']} sequences{created}{exemplar})"
+    count = described["count"]
+    return f"#{described['category']} ({count} sequence{'' if count == 1 else 's'}{created}{exemplar})"
 
 
 def format_art_report(report: dict, texts: str = "the given texts") -> str:

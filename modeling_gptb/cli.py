@@ -105,14 +105,15 @@ def cmd_art_report(args) -> int:
                 pooling=args.pooling,
                 pool_layers=args.pool_layers,
                 max_categories=args.max_categories,
+                beta=args.beta,
             )
         except ValueError as error:
             raise CLIError(f"could not fit the memory: {error}") from error
         print(f"fitted the memory on {fitted['sequences']} blocks of {args.fit_on}: {fitted['categories']} categories")
     elif any(value is not None for value in fitting_options(args)):
         raise CLIError(
-            "--input-transform, --pooling, --pool-layers, --vigilance and --max-categories apply when fitting: "
-            "pass --fit-on too"
+            "--input-transform, --pooling, --pool-layers, --vigilance, --beta and --max-categories apply when "
+            "fitting: pass --fit-on too"
         )
     if args.calibrate_on:
         blocks = _art_blocks(args.calibrate_on, "validation", tokenizer, args.blocks)
@@ -131,7 +132,7 @@ def cmd_art_report(args) -> int:
 
 def fitting_options(args) -> tuple:
     """The art-report options that shape a fitted memory (None where not given)."""
-    return args.input_transform, args.pooling, args.pool_layers, args.vigilance, args.max_categories
+    return args.input_transform, args.pooling, args.pool_layers, args.vigilance, args.beta, args.max_categories
 
 
 def save_model_in_place(model, folder: Path) -> None:

@@ -127,3 +127,11 @@ def test_percentiles_are_spelled_as_ordinals_in_every_verdict():
     assert {n: _ordinal(n) for n in expected} == expected
     assert "(83rd percentile; novel above 95%)" in _verdict_words(False, 82.6, 0.05)
     assert "less familiar than 97% of in-domain text" in _verdict_words(True, 97.2, 0.05)
+
+
+def test_a_category_of_one_sequence_is_not_plural():
+    from modeling_gptb.art_report import _category_line
+
+    one = {"category": 4, "count": 1, "created_at": 7, "exemplar": "abc"}
+    assert _category_line(one) == "#4 (1 sequence, created at sequence 7, e.g. 'abc')"
+    assert _category_line({**one, "count": 3, "created_at": -1, "exemplar": None}) == "#4 (3 sequences)"

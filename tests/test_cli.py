@@ -343,22 +343,23 @@ def test_art_report_fits_the_detector_input_and_saves_it(tmp_path, capsys):
     (tmp_path / "train.txt").write_text(" ".join(["the memory holds what the model has seen"] * 300), encoding="utf-8")
     args = ["art-report", str(folder), "--fit-on", str(tmp_path / "train.txt"), "--blocks", "30", "--save"]
     args += ["--pooling", "mean_std_max", "--pool-layers", "all", "--input-transform", "standardize"]
-    assert cli.main([*args, "--vigilance", "0.98", "--max-categories", "40"]) == 0
+    assert cli.main([*args, "--vigilance", "0.98", "--beta", "0.1", "--max-categories", "40"]) == 0
     model = GPTBLMHeadModel.from_pretrained(folder)
     c = model.config
     assert (c.art_pooling, c.art_pool_layers, c.art_input_transform) == ("mean_std_max", "all", "standardize")
-    assert (c.art_vigilance, c.art_max_categories) == (0.98, 40)
+    assert (c.art_vigilance, c.art_beta, c.art_max_categories) == (0.98, 0.1, 40)
     assert model.art_memory.dim == c.art_input_dim == 3 * (c.n_layer + 1) * c.n_embd
     assert model.art_memory.input_fitted and model.art_memory.rows_seen == 30
-    assert (model.art_memory.vigilance, model.art_memory.max_categories) == (0.98, 40)
+    assert (model.art_memory.vigilance, model.art_memory.beta, model.art_memory.max_categories) == (0.98, 0.1, 40)
     capsys.readouterr()
-    for option, value in (("--pool-layers", "all"), ("--max-categories", "40")):
+    for option, value in (("--pool-layers", "all"), ("--max-categories", "40"), ("--beta", "0.1")):
         assert cli.main(["art-report", str(folder), option, value]) == 2
         assert "apply when fitting: pass --fit-on too" in one_line_error(capsys, "art-report")
     weights = (folder / "model.safetensors").read_bytes()
-    assert cli.main([*args, "--max-categories", "0"]) == 2  # refused before the model changes
-    assert "art_max_categories" in one_line_error(capsys, "art-report")
-    assert (folder / "model.safetensors").read_bytes() == weights
+    for option, value, named in (("--max-categories", "0", "art_max_categories"), ("--beta", "1.5", "beta")):
+        assert cli.main([*args, option, value]) == 2  # refused before the model changes
+        assert named in one_line_error(capsys, "art-report")
+        assert (folder / "model.safetensors").read_bytes() == weights
     bad = ["art-report", str(folder), "--fit-on", str(tmp_path / "train.txt"), "--pooling", "state"]
     assert cli.main([*bad, "--pool-layers", "all"]) == 2  # refused before the model changes
     assert "art_pool_layers must be 'last', got 'all'" in one_line_error(capsys, "art-report")

@@ -67,6 +67,9 @@ GERMAN_ROOT = SYSTEM_MAN_ROOT / "de"
 # memory stays below capacity. all+standardize: the lowest vigilance at which the memory matches the nearest
 # neighbour on the same rows (0.85 kept 3 categories and lost to it; study.md).
 VIGILANCE = {"mean": 0.9, "mean+center": 0.9, "mean+euclidean": 0.95, "all+euclidean": 0.95, "all+standardize": 0.98}
+# The learning rate where it is not the rule's default (0.5): for all+standardize 0.1 matched or beat 0.5 at
+# vigilance 0.97-0.98, on the preset's model and on one trained 1,000 steps (study.md).
+BETA = {"all+standardize": 0.1}
 
 PRESETS = {
     "cpu": {
@@ -79,6 +82,7 @@ PRESETS = {
         "state_size": 8,
         "art": {"art_vigilance": 0.9, "art_max_categories": 512},
         "vigilance": VIGILANCE,
+        "beta": BETA,
         "fitted_max_categories": 1024,
         "lift": 4.0,
         "fpr": 0.05,
@@ -101,6 +105,7 @@ PRESETS = {
         "state_size": 8,
         "art": {"art_vigilance": 0.9, "art_max_categories": 2048},
         "vigilance": VIGILANCE,
+        "beta": BETA,
         "fitted_max_categories": 4096,
         "lift": 4.0,
         "fpr": 0.05,
@@ -123,6 +128,7 @@ PRESETS = {
         "state_size": 2,
         "art": {"art_vigilance": 0.9, "art_max_categories": 64},
         "vigilance": VIGILANCE,
+        "beta": BETA,
         "fitted_max_categories": 64,
         "lift": 4.0,
         "fpr": 0.05,
@@ -185,6 +191,7 @@ def fitted_memory(pooled: torch.Tensor, name: str, p: dict) -> ARTMemory:
     memory = ARTMemory(
         pooled.shape[1],
         vigilance=p["vigilance"][name],
+        beta=p["beta"].get(name),
         max_categories=p["fitted_max_categories"],
         input_transform=INPUTS[name][2],
         lift=p["lift"],
@@ -408,8 +415,9 @@ def _report(result: dict, out: Path) -> None:
             f"{p['block']} tokens, {p['test_blocks']} per set ({p['calibration_blocks']} more held-out "
             f"`{p['domain_a']}` blocks calibrate the verdict at {p['fpr']:.0%} false positives). Categories: learned "
             f"during training (vigilance {p['art']['art_vigilance']}, capacity {p['art']['art_max_categories']}) "
-            f"{cats}; fitted to the final model per input (vigilance {p['vigilance']}, capacity "
-            f"{p['fitted_max_categories']}) {fitted}." + (f" Left out: {skipped}." if skipped else ""),
+            f"{cats}; fitted to the final model per input (vigilance {p['vigilance']}, learning rate {p['beta']} "
+            f"where not 0.5, capacity {p['fitted_max_categories']}) {fitted}."
+            + (f" Left out: {skipped}." if skipped else ""),
             "## Detection (mean ± s.d. over seeds; novel set = positive class)\n\n" + table,
             "## The calibrated verdict (share of each held-out set called novel at the 5% threshold)\n\n" + flagged,
             "## Reading\n\nBest score per novel set: "
