@@ -148,6 +148,8 @@ def test_a_killed_experiment_keeps_its_finished_runs_and_resumes_from_them(name,
     for key in FIRST_RECORD[name]:
         first = first[key]
     assert first[0] == record  # read back, not trained again (its timing would differ)
+    assert result["records_read_back"] == 1  # and the report says its wall time is this call's
+    assert "min in this call; 1 finished (model, seed) runs read back" in (out / "report.md").read_text()
     records = sorted((out / "runs").rglob("seed-*.json"))
     assert len(records) > 1 and all(json.loads(p.read_text())["record"]["seed"] in (0, 1) for p in records)
 

@@ -470,10 +470,13 @@ class FinishedRuns:
     folder reads them back instead of training again (records of another config are trained again, and replaced).
     """
 
-    def __init__(self, out: Path, header: dict):
+    def __init__(self, out: Path, header: dict, config: dict | None = None):
+        """`config`: what the records are stamped with, where not the whole `header["config"]`."""
         self.folder = out / "runs"
-        made_by = {key: header[key] for key in ("experiment", "preset", "config")}
+        made_by = {key: header[key] for key in ("experiment", "preset")} | {"config": config or header["config"]}
         self.stamp = hashlib.sha256(json.dumps(made_by, sort_keys=True, default=float).encode()).hexdigest()
+        self.header = header  # counts the records read back, so the report's wall time says it is this call's
+        header.setdefault("records_read_back", 0)
 
     def path(self, key: str, seed: int) -> Path:
         return self.folder / key / f"seed-{seed}.json"
@@ -486,6 +489,7 @@ class FinishedRuns:
         if saved.get("stamp") != self.stamp:
             return None
         print(f"{key} seed {seed}: finished earlier, read from {path}")
+        self.header["records_read_back"] += 1
         return saved["record"]
 
     def save(self, key: str, seed: int, record: dict) -> dict:
@@ -511,7 +515,12 @@ def write_report(path: Path, title: str, sections: list[str]) -> Path:
 def experiment_report(out: Path, title: str, result: dict, sections: list[str]) -> Path:
     """`out/report.md`: the title, the command/seeds/machine/preset header, then `sections`."""
     header = header_section(
-        result["experiment"], result["preset"], result["seeds"], result["config"], result["elapsed_s"]
+        result["experiment"],
+        result["preset"],
+        result["seeds"],
+        result["config"],
+        result["elapsed_s"],
+        result.get("records_read_back", 0),
     )
     return write_report(out / "report.md", title, [header, *sections])
 
@@ -565,10 +574,14 @@ def shaded(ax, x, runs: list[list[float]], label: str, **kwargs) -> None:
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
-def header_section(name: str, preset: str, seeds: list[int], config: dict, elapsed: float) -> str:
+def header_section(name: str, preset: str, seeds: list[int], config: dict, elapsed: float, read_back: int = 0) -> str:
+    """The report's first lines; `read_back` (model, seed) records finished in earlier calls are not in the time."""
+    earlier = (
+        f" in this call; {read_back} finished (model, seed) runs read back from earlier calls" if read_back else ""
+    )
     return (
         f"Command: `gptb experiment {name} --preset {preset} --seeds {len(seeds)}`  \n"
-        f"Seeds: {seeds}. Wall time: {elapsed / 60:.1f} min.  \n"
+        f"Seeds: {seeds}. Wall time: {elapsed / 60:.1f} min{earlier}.  \n"
         f"Machine: {json.dumps(machine())}\n\n"
         f"<details><summary>Preset</summary>\n\n```json\n{json.dumps(config, indent=2)}\n```\n</details>"
     )

@@ -218,9 +218,7 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
 
     # a model's records are stamped with the shared settings and its own spec, so adding a model keeps the others'
     shared = {k: v for k, v in p.items() if k not in _MODEL_CHOICE}
-    finished = {
-        name: common.FinishedRuns(out, {**header, "config": {**shared, "model": spec}}) for name, spec in specs.items()
-    }
+    finished = {name: common.FinishedRuns(out, header, {**shared, "model": spec}) for name, spec in specs.items()}
     runs: dict[str, list[dict]] = {name: [] for name in specs}
     jobs = [(seed, name) for seed in seeds for name in specs]
     if "one_token_seeds" in p and "gptb" in specs:  # the slow one-token model: its few seeds after all the others
