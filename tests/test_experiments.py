@@ -334,3 +334,37 @@ def test_adding_a_model_keeps_the_other_models_records(tmp_path, monkeypatch):
     report = (tmp_path / "report.md").read_text()
     assert "## Loss by position in long documents" in report and "| gptb | 1 |" in report
     assert (tmp_path / "positions.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# Issue 19: the outlier-exposure probe of the novelty experiment.
+def test_linear_outlier_score_is_the_regularised_logistic_regression():
+    from modeling_gptb.experiments.novelty import fit_linear_outlier_score
+
+    rng = np.random.default_rng(0)
+    inliers = rng.normal(0.0, 1.0, (60, 5))
+    outliers = rng.normal(0.0, 1.0, (40, 5)) + np.array([1.5, 0.0, -1.0, 0.0, 0.5])
+    l2 = 0.05
+    score = fit_linear_outlier_score(torch.from_numpy(inliers), torch.from_numpy(outliers), l2=l2)
+    # the optimum from the definition (numpy float64): the gradient of mean BCE + l2 |w|^2 vanishes at the fit
+    x = np.concatenate([inliers, outliers])
+    y = np.concatenate([np.zeros(60), np.ones(40)])
+    z = (x - x.mean(0)) / x.std(0, ddof=1)
+    logits = score(torch.from_numpy(x)).numpy()
+    design = np.c_[z, np.ones(len(z))]
+    coefficients = np.linalg.lstsq(design, logits, rcond=None)[0]
+    assert np.allclose(design @ coefficients, logits, atol=1e-9)  # the score is linear in the standardised rows
+    w = coefficients[:5]
+    residual = 1 / (1 + np.exp(-logits)) - y
+    grad_w = z.T @ residual / len(y) + 2 * l2 * w
+    assert np.abs(grad_w).max() < 1e-5 and abs(residual.mean()) < 1e-5  # L-BFGS stops near, not at, zero
+    assert common.auroc(torch.from_numpy(logits[:60]), torch.from_numpy(logits[60:])) > 0.9
+
+
+def test_outlier_exposure_never_fits_on_a_test_set():
+    from modeling_gptb.experiments import novelty
+
+    with pytest.raises(ValueError, match="German is a test set"):
+        novelty.outlier_texts({**novelty.PRESETS["mini"], "outlier_languages": ["fr", "de"]})
+    texts = novelty.outlier_texts(novelty.PRESETS["mini"])
+    test_chars = novelty.novel_texts("random-chars", 50)[0]  # the random-character test set's start
+    assert "de" not in texts and texts["random-chars"][0][:50] != test_chars

@@ -14,7 +14,11 @@ generated from the seed). Scores, each higher = more novel:
 - `nn_cosine[I]` (baseline): 1 - cosine similarity to the nearest training block, on the same transformed embeddings
   (for `euclidean` close to the nearest Euclidean distance); `nn_l2`: the nearest Euclidean distance, raw;
 - `loss` (baseline): the model's own mean per-token loss on the block;
-- `combined`: the calibrated combined score of `art[all+standardize]` and the loss (docs/design.md#calibrated-verdict).
+- `combined`: the calibrated combined score of `art[all+standardize]` and the loss (docs/design.md#calibrated-verdict);
+- `outlier_exposure` (Hendrycks et al. 2019, here a linear probe): a logistic regression on the detector's rows,
+  training blocks (0) against blocks of languages and characters no test set uses (1: `outlier_languages` man pages,
+  random characters of another seed); `art+outlier_exposure`: its z-score plus the memory's (means and standard
+  deviations from the calibration blocks). The random-character test set is then no longer unseen in kind.
 
 Held-out A is split in two: `calibration_blocks` blocks calibrate the verdict (5% false positives) and choose nothing
 else; the rest are the test negatives. The vigilance per transform was chosen on validation splits (a 400-step probe
@@ -59,6 +63,8 @@ METHODS = (
     "nn_l2",
     "loss",
     "combined",
+    "outlier_exposure",
+    "art+outlier_exposure",
 )
 GERMAN_ROOT = SYSTEM_MAN_ROOT / "de"
 
@@ -83,6 +89,8 @@ PRESETS = {
         "art": {"art_vigilance": 0.9, "art_max_categories": 512},
         "vigilance": VIGILANCE,
         "beta": BETA,
+        "outlier_languages": ["fr", "es"],
+        "outlier_blocks": 200,
         "fitted_max_categories": 1024,
         "lift": 4.0,
         "fpr": 0.05,
@@ -106,6 +114,8 @@ PRESETS = {
         "art": {"art_vigilance": 0.9, "art_max_categories": 2048},
         "vigilance": VIGILANCE,
         "beta": BETA,
+        "outlier_languages": ["fr", "es"],
+        "outlier_blocks": 1000,
         "fitted_max_categories": 4096,
         "lift": 4.0,
         "fpr": 0.05,
@@ -129,6 +139,8 @@ PRESETS = {
         "art": {"art_vigilance": 0.9, "art_max_categories": 64},
         "vigilance": VIGILANCE,
         "beta": BETA,
+        "outlier_languages": ["fr"],
+        "outlier_blocks": 8,
         "fitted_max_categories": 64,
         "lift": 4.0,
         "fpr": 0.05,
@@ -166,10 +178,10 @@ def random_characters(chars: int, seed: int) -> list[str]:
     return ["".join(rng.choice(alphabet) for _ in range(chars))]
 
 
-def german_texts(max_chars: int) -> list[str]:
-    """German man pages of this machine (/usr/share/man/de), in path order; empty where there are none."""
-    texts, total = [], 0
-    for path in sorted(GERMAN_ROOT.rglob("*")) if GERMAN_ROOT.is_dir() else []:
+def man_pages(language: str, max_chars: int) -> list[str]:
+    """The man pages of `language` on this machine (/usr/share/man/LANGUAGE), in path order; empty where none."""
+    root, texts, total = SYSTEM_MAN_ROOT / language, [], 0
+    for path in sorted(root.rglob("*")) if root.is_dir() else []:
         text = _read_system_doc(path) if path.is_file() else None
         if text:
             texts.append(text[: max_chars - total])
@@ -177,6 +189,55 @@ def german_texts(max_chars: int) -> list[str]:
         if total >= max_chars:
             break
     return texts
+
+
+def german_texts(max_chars: int) -> list[str]:
+    """German man pages of this machine (/usr/share/man/de), in path order; empty where there are none."""
+    return man_pages("de", max_chars)
+
+
+OUTLIER_RANDOM_SEED = 777  # not the random-character test set's 1234
+
+
+def outlier_texts(p: dict) -> dict[str, list[str]]:
+    """The outliers `outlier_exposure` is fitted against: other languages' man pages (never German, a test set) and
+    random characters of another seed; a language the machine lacks is left out."""
+    if "de" in p["outlier_languages"]:
+        raise ValueError("German is a test set: it cannot be an outlier the score is fitted on")
+    texts = {language: man_pages(language, p["val_chars"]) for language in p["outlier_languages"]}
+    texts["random-chars"] = random_characters(p["val_chars"], seed=OUTLIER_RANDOM_SEED)
+    return {name: t for name, t in texts.items() if t}
+
+
+def fit_linear_outlier_score(inliers: torch.Tensor, outliers: torch.Tensor, l2: float = 1e-2, max_iter: int = 300):
+    """
+    A logistic regression, inliers 0 and outliers 1, on rows standardised by their pooled mean and standard deviation,
+    minimising mean binary cross-entropy + `l2` |w|^2 (L-BFGS, float64). Returns the score function x -> x_std w + b
+    (higher = more like the outliers).
+    """
+    x = torch.cat([inliers, outliers]).double()
+    y = torch.cat([torch.zeros(len(inliers)), torch.ones(len(outliers))]).double()
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    x = (x - mean) / std
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def objective():
+        optimizer.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    w, b = w.detach(), b.detach()
+    return lambda rows: ((rows.double() - mean) / std) @ w + b
+
+
+def z_scorer(calibration: torch.Tensor):
+    """x -> (x - mean) / sample standard deviation, both from the calibration values (float64)."""
+    mean, std = calibration.double().mean(), calibration.double().std()
+    return lambda values: (values.double() - mean) / std
 
 
 def novel_texts(domain: str, max_chars: int) -> list[str]:
@@ -238,6 +299,11 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
             continue
         test[domain] = common.blocks_of(common.token_stream(texts, tokenizer), p["block"], p["test_blocks"])
     novel_domains = [domain for domain in p["other_domains"] if domain in test]
+    outlier_sources = {
+        name: common.blocks_of(common.token_stream(texts, tokenizer), p["block"], p["outlier_blocks"])
+        for name, texts in outlier_texts(p).items()
+    }
+    outliers = torch.cat(list(outlier_sources.values()))
 
     per_seed = []
     finished = common.FinishedRuns(out, header)
@@ -257,6 +323,12 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
         calibration = combined_memory.calibrate(calib_rows, fpr=p["fpr"], surprise=calib["loss"])
         novelty_only = fitted_memory(input_rows(ref, COMBINED_INPUT), COMBINED_INPUT, p)
         novelty_only.calibrate(calib_rows, fpr=p["fpr"])
+        outlier_rows = input_rows(
+            common.embeddings(model, outliers, p["eval_batch"], art=False, poolings=POOLINGS), COMBINED_INPUT
+        )
+        outlier_score = fit_linear_outlier_score(input_rows(ref, COMBINED_INPUT), outlier_rows)
+        z_art = z_scorer(combined_memory.novelty(calib_rows))
+        z_outlier = z_scorer(outlier_score(calib_rows))
         scores, flagged = {}, {}
         for domain, blocks in test.items():
             e = common.embeddings(model, blocks, p["eval_batch"], poolings=POOLINGS)
@@ -272,6 +344,9 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
             art_best = s[f"art[{COMBINED_INPUT}]"]
             verdict = combined_memory.verdict(art_best, e["loss"])
             s["combined"] = verdict["score"].float()
+            outlier = outlier_score(input_rows(e, COMBINED_INPUT))
+            s["outlier_exposure"] = outlier.float()
+            s["art+outlier_exposure"] = (z_art(art_best) + z_outlier(outlier)).float()
             scores[domain] = s
             flagged[domain] = {
                 "combined": float(verdict["novel"].double().mean()),
@@ -321,6 +396,7 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
         per_seed=per_seed,
         summary=summary,
         skipped_domains=skipped,
+        outlier_blocks={name: len(blocks) for name, blocks in outlier_sources.items()},
     )
 
 
@@ -331,6 +407,7 @@ ROC_METHODS = (
     f"nn_cosine[{COMBINED_INPUT}]",
     "loss",
     "combined",
+    "art+outlier_exposure",
 )
 
 
@@ -416,7 +493,8 @@ def _report(result: dict, out: Path) -> None:
             f"`{p['domain_a']}` blocks calibrate the verdict at {p['fpr']:.0%} false positives). Categories: learned "
             f"during training (vigilance {p['art']['art_vigilance']}, capacity {p['art']['art_max_categories']}) "
             f"{cats}; fitted to the final model per input (vigilance {p['vigilance']}, learning rate {p['beta']} "
-            f"where not 0.5, capacity {p['fitted_max_categories']}) {fitted}."
+            f"where not 0.5, capacity {p['fitted_max_categories']}) {fitted}. `outlier_exposure` is fitted on the "
+            f"reference blocks against these outlier blocks: {result['outlier_blocks']}."
             + (f" Left out: {skipped}." if skipped else ""),
             "## Detection (mean ± s.d. over seeds; novel set = positive class)\n\n" + table,
             "## The calibrated verdict (share of each held-out set called novel at the 5% threshold)\n\n" + flagged,
