@@ -33,6 +33,7 @@ scoring: about 3-4 minutes per seed, 10-12 minutes for 3 seeds. `mini`: seconds.
 
 from __future__ import annotations
 
+import copy
 import random
 import string
 from pathlib import Path
@@ -321,7 +322,7 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
         combined_memory = memories[COMBINED_INPUT]
         calib_rows = input_rows(calib, COMBINED_INPUT)
         calibration = combined_memory.calibrate(calib_rows, fpr=p["fpr"], surprise=calib["loss"])
-        novelty_only = fitted_memory(input_rows(ref, COMBINED_INPUT), COMBINED_INPUT, p)
+        novelty_only = copy.deepcopy(combined_memory)  # the same memory, its verdict calibrated on novelty alone
         novelty_only.calibrate(calib_rows, fpr=p["fpr"])
         outlier_rows = input_rows(
             common.embeddings(model, outliers, p["eval_batch"], art=False, poolings=POOLINGS), COMBINED_INPUT
