@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pool-layers",
         choices=("last", "all"),  # ART_POOL_LAYERS
         help="with --fit-on: pool the last layer or the embeddings and every layer (art_pool_layers); the novelty "
-        "detector that works best: --pooling mean_std_max --pool-layers all --input-transform standardize",
+        "detector that works best: --pooling mean_std_max --pool-layers all --input-transform standardize "
+        "--vigilance 0.98 --beta 0.1, with --max-categories about half of --blocks",
     )
     report.add_argument(
         "--calibrate-on",
