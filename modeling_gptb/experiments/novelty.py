@@ -235,12 +235,6 @@ def fit_linear_outlier_score(inliers: torch.Tensor, outliers: torch.Tensor, l2: 
     return lambda rows: ((rows.double() - mean) / std) @ w + b
 
 
-def z_scorer(calibration: torch.Tensor):
-    """x -> (x - mean) / sample standard deviation, both from the calibration values (float64)."""
-    mean, std = calibration.double().mean(), calibration.double().std()
-    return lambda values: (values.double() - mean) / std
-
-
 def novel_texts(domain: str, max_chars: int) -> list[str]:
     if domain == "random-chars":
         return random_characters(max_chars, seed=1234)
@@ -328,8 +322,9 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
             common.embeddings(model, outliers, p["eval_batch"], art=False, poolings=POOLINGS), COMBINED_INPUT
         )
         outlier_score = fit_linear_outlier_score(input_rows(ref, COMBINED_INPUT), outlier_rows)
-        z_art = z_scorer(combined_memory.novelty(calib_rows))
-        z_outlier = z_scorer(outlier_score(calib_rows))
+        # the memory's combined score with the probe as its second signal: the z-score sum, from the calibration rows
+        with_outliers = copy.deepcopy(combined_memory)
+        with_outliers.calibrate(calib_rows, fpr=p["fpr"], surprise=outlier_score(calib_rows))
         scores, flagged = {}, {}
         for domain, blocks in test.items():
             e = common.embeddings(model, blocks, p["eval_batch"], poolings=POOLINGS)
@@ -347,7 +342,7 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
             s["combined"] = verdict["score"].float()
             outlier = outlier_score(input_rows(e, COMBINED_INPUT))
             s["outlier_exposure"] = outlier.float()
-            s["art+outlier_exposure"] = (z_art(art_best) + z_outlier(outlier)).float()
+            s["art+outlier_exposure"] = with_outliers.verdict(art_best, outlier)["score"].float()
             scores[domain] = s
             flagged[domain] = {
                 "combined": float(verdict["novel"].double().mean()),
