@@ -90,6 +90,10 @@ class GPTBConfig(PretrainedConfig):
             K, the tokens a step reads. 1: the one-token step over the window `[state; token]` (M + 1 positions).
             K > 1: a segment step (RMT's layout) over `[read slots; K tokens; write slots]` (2M + K positions), the
             tokens causal among themselves, the next state read from the write slots (docs/design.md#segment-steps).
+        state_write_loss (`float`, defaults to 0.0):
+            Weight of the write target (`segment_length` > 1 only): each complete segment's new state, the mean of
+            its slots through the `write_probe` head, predicts which token ids the segment held (multi-hot binary
+            cross-entropy), added to the loss in training (docs/design.md#the-write-target). 0: no head, no target.
         bptt_steps (`int`, *optional*):
             Truncated backpropagation through time: the state is detached every `bptt_steps` steps (segments when
             `segment_length` > 1) of a forward call. `None` backpropagates through the whole call.
@@ -171,6 +175,7 @@ class GPTBConfig(PretrainedConfig):
         state_retain_init=0.0,
         state_read_scale_init=1.0,
         segment_length=1,
+        state_write_loss=0.0,
         bptt_steps=None,
         checkpoint_every_steps=None,
         use_cache=True,
@@ -214,6 +219,7 @@ class GPTBConfig(PretrainedConfig):
         self.state_retain_init = state_retain_init
         self.state_read_scale_init = state_read_scale_init
         self.segment_length = segment_length
+        self.state_write_loss = state_write_loss
         self.bptt_steps = bptt_steps
         self.checkpoint_every_steps = checkpoint_every_steps
         self.use_cache = use_cache
@@ -305,6 +311,13 @@ class GPTBConfig(PretrainedConfig):
         finite_number("art_alpha", 0, low_inclusive=False)
         finite_number("art_loss_weight", 0, low_inclusive=True)
         finite_number("art_lift", 0, low_inclusive=False)
+        finite_number("state_write_loss", 0, low_inclusive=True)
+        if self.state_write_loss > 0 and self.segment_length == 1:
+            raise ValueError(
+                f"GPTBConfig.state_write_loss={self.state_write_loss!r} needs segment steps (segment_length > 1): "
+                "the write target asks each segment's new state which tokens the segment held; set segment_length "
+                "or leave state_write_loss at 0"
+            )
         if self.art_input_transform not in ART_INPUT_TRANSFORMS:
             raise ValueError(
                 f"GPTBConfig.art_input_transform must be one of {ART_INPUT_TRANSFORMS}, got "

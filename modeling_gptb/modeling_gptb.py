@@ -83,6 +83,11 @@ class GPTBModelOutput(ModelOutput):
             Each block's attention weights over the window at each step, `(batch_size, n_head, sequence_length,
             state_size + 1, state_size + 1)` each (the window's last position is the token); with segment steps,
             `(batch_size, n_head, n_segments, 2 * state_size + segment_length, 2 * state_size + segment_length)`.
+        written_states (`torch.FloatTensor` of shape `(batch_size, n_segments, state_size, n_embd)`, *optional*):
+            with `output_written_states` (segment steps): the state each segment of the call wrote.
+        written_positions (`torch.LongTensor` of shape `(batch_size, n_segments, segment_length)`, *optional*):
+            with `output_written_states`: the position in `input_ids` of each token a segment read, -1 where it read
+            none of this call's tokens (a masked step, the padding of a last partial segment, a cached token).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -90,6 +95,8 @@ class GPTBModelOutput(ModelOutput):
     cache: "GPTBCache | None" = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    written_states: torch.FloatTensor | None = None
+    written_positions: torch.LongTensor | None = None
 
 
 @dataclass
@@ -106,6 +113,9 @@ class GPTBCausalLMOutput(ModelOutput):
         art_category, art_status, art_novelty (`torch.Tensor` of shape `(batch_size,)`, *optional*):
             what the ART memory made of each sequence (when `config.art_enabled`); a sequence without a valid step
             (`attention_mask` all 0) is skipped: category -1, status -1, novelty NaN.
+        state_write_loss (`torch.FloatTensor` of shape `()`, *optional*): with `config.state_write_loss` > 0, in
+            training or with `labels`: the write target's binary cross-entropy, unweighted (`loss` holds it times
+            the weight in training).
     """
 
     loss: torch.FloatTensor | None = None
@@ -117,6 +127,7 @@ class GPTBCausalLMOutput(ModelOutput):
     art_category: torch.LongTensor | None = None
     art_status: torch.LongTensor | None = None
     art_novelty: torch.FloatTensor | None = None
+    state_write_loss: torch.FloatTensor | None = None
 
     def art_status_names(self) -> list[str] | None:
         """`art_status` by name ("resonated", "new", "rejected"; "skipped" for a sequence without a valid step)."""
@@ -537,6 +548,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
         return_dict: bool | None = None,
         token_type_ids: torch.LongTensor | None = None,
         write_partial_segment: bool = True,
+        output_written_states: bool = False,
         **kwargs,
     ) -> GPTBModelOutput | tuple:
         r"""
@@ -557,6 +569,9 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
             write_partial_segment (`bool`, defaults to `True`): segment steps (`segment_length` > 1): write a last
                 partial segment into `past_hidden_states`. `generate()` passes False: it continues from `cache`,
                 and the write would cost the write slots at every token.
+            output_written_states (`bool`, defaults to `False`): segment steps: return the state each segment
+                wrote and the positions of its tokens (`written_states`, `written_positions`; the write target's
+                input, docs/design.md#the-write-target).
 
         GPT-2's `position_ids`, `encoder_hidden_states` and `encoder_attention_mask` have no meaning here and are
         refused (`ValueError`), as is any other argument this model does not read. Every input is checked before any
@@ -572,6 +587,11 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
 
         if not isinstance(write_partial_segment, bool):
             raise ValueError(f"`write_partial_segment` must be True or False, got {write_partial_segment!r}")
+        if output_written_states not in (True, False) or (output_written_states and self.config.segment_length == 1):
+            raise ValueError(
+                "`output_written_states` must be True or False, and True only with segment steps (segment_length > 1, "
+                f"this model's is {self.config.segment_length}), got {output_written_states!r}"
+            )
         checks = ValueChecks()
         batch, steps = self._check_tokens(input_ids, inputs_embeds, token_type_ids, checks)
         state, consumed = self._start_state(past_hidden_states, cache, batch, checks)
@@ -593,6 +613,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
             output_attentions,
             cache if isinstance(cache, GPTBCache) else None,
             write_partial_segment,
+            output_written_states,
         )
         new_cache = None
         if use_cache:
@@ -608,6 +629,8 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
             cache=new_cache,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
+            written_states=out.written,
+            written_positions=out.written_positions,
         )
 
     # -- input checks: a clear error before any work -------------------------------------------------------------
@@ -811,6 +834,9 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = GPTBModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.write_probe = None  # the write target's head (docs/design.md#the-write-target)
+        if config.state_write_loss > 0:
+            self.write_probe = nn.Linear(config.n_embd, config.vocab_size)
         self.loss_type = "ForCausalLM"  # the class name does not say it
         self.art_memory = None
         if config.art_enabled:
@@ -913,6 +939,12 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         check_extra_kwargs(kwargs, type(self).__name__)
         art_mode = self._art_mode(art_mode)
         self._check_labels(input_ids if input_ids is not None else inputs_embeds, labels, logits_to_keep)
+        write_target = self.write_probe is not None and (labels is not None or self.training)
+        if write_target and input_ids is None:
+            raise ValueError(
+                f"config.state_write_loss={self.config.state_write_loss} asks each segment's state which token ids "
+                "it read: pass `input_ids`, not only `inputs_embeds` (or set state_write_loss to 0)"
+            )
         if self.config.decode_cuda_graph:
             decoded = self._graph_decode_step(
                 input_ids, cache, attention_mask, use_cache, return_dict, labels=labels, inputs_embeds=inputs_embeds,
@@ -937,6 +969,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             token_type_ids=token_type_ids,
             write_partial_segment=write_partial_segment,
+            output_written_states=write_target,
             return_dict=True,
         )
         hidden = outputs.last_hidden_state
@@ -950,6 +983,11 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
                 loss = self._language_modelling_loss(logits, labels, art, hidden=hidden, **kwargs)
                 if art is not None and self.config.art_loss_weight > 0:
                     loss = loss + self.config.art_loss_weight * self._art_coupling_loss(pooled, art)
+            write_loss = None
+            if write_target:
+                write_loss = self._state_write_loss(outputs.written_states, outputs.written_positions, input_ids)
+                if loss is not None and self.training:
+                    loss = loss + self.config.state_write_loss * write_loss * self._share_of_items(labels, **kwargs)
 
         hidden_states = outputs.hidden_states if output_hidden_states else None  # not those only the pooling read
         if not return_dict:
@@ -966,6 +1004,7 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
             art_category=None if art is None else art.category,
             art_status=None if art is None else art.status,
             art_novelty=None if art is None else art.novelty,
+            state_write_loss=write_loss,
         )
 
     def _graph_decode_step(self, input_ids, cache, attention_mask, use_cache, return_dict, **other_inputs):
@@ -1115,6 +1154,33 @@ class GPTBLMHeadModel(GPTBPreTrainedModel, GenerationMixin):
         total = (per_token * sequence_weights[:, None]).sum()
         count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
         return total / torch.as_tensor(count, device=total.device).clamp(min=1)
+
+    def _state_write_loss(self, written_states, written_positions, input_ids):
+        """
+        The write target (docs/design.md#the-write-target): each complete segment of this call's tokens, from the
+        mean of the slots it wrote, predicts which token ids it read (multi-hot binary cross-entropy, mean over the
+        vocabulary), averaged over those segments; 0 (still a function of `write_probe`) when the call has none.
+        """
+        batch, segments, length = written_positions.shape
+        read = written_positions >= 0
+        counted = read.all(dim=-1)  # (B, S): every token of the segment is one of this call's
+        ids = input_ids.to(written_positions.device).gather(1, written_positions.clamp(min=0).view(batch, -1))
+        targets = torch.zeros(batch, segments, self.config.vocab_size, device=ids.device)
+        targets.scatter_(2, ids.view(batch, segments, length), 1.0)
+        logits = self.write_probe(written_states.mean(dim=2))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision scored in float32
+        targets = targets.to(logits.dtype)
+        per_segment = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=-1)
+        return (per_segment * counted).sum() / counted.sum().clamp(min=1)
+
+    @staticmethod
+    def _share_of_items(labels, num_items_in_batch=None, **kwargs):
+        """This call's share of the scored tokens `Trainer` normalises by (`num_items_in_batch`), so a per-call term
+        summed over gradient-accumulation steps weighs as their mean, as the language-modelling loss does."""
+        if num_items_in_batch is None:
+            return 1.0
+        items = (labels[:, 1:] != -100).sum()
+        return items / torch.as_tensor(num_items_in_batch, device=items.device).clamp(min=1)
 
     # -- the ART memory travels beside the weights as art_memory.safetensors ------------------------------------------
 

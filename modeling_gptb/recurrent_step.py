@@ -39,6 +39,10 @@ class CallOutput(NamedTuple):
     attentions: tuple[torch.Tensor, ...] | None
     # per block, the keys and values (B, H, M + P, head_dim) of the read slots and the pending tokens (decode steps)
     keys_values: list | None = None
+    # with `keep_written` (segment steps): the state each segment wrote (B, S, M, D), and the call positions of its
+    # tokens (B, S, K), -1 where the segment holds no token of this call (padding, a masked step, a cached token)
+    written: torch.Tensor | None = None
+    written_positions: torch.Tensor | None = None
 
 
 def segment_mask(state_size: int, segment_length: int, rebias: bool, device=None) -> torch.Tensor:
@@ -106,11 +110,13 @@ class RecurrentSteps:
         output_attentions,
         cache=None,
         write_partial_segment=True,
+        keep_written=False,
     ) -> CallOutput:
         """
         Every step of a call from `state` over `token_embeds` `(B, T, D)`, where `step_mask` `(B, T)` (None: all)
         marks the tokens that count; with segment steps, after the partial segment `cache` (a `GPTBCache` or None)
         holds. `write_partial_segment=False`: the returned `state` is the state after the complete segments.
+        `keep_written` (segment steps): also return each segment's written state (the write target's input).
         """
         if self.config.segment_length == 1:
             state, last_hidden_state, hidden_states, attentions = self._run_token_call(
@@ -135,6 +141,7 @@ class RecurrentSteps:
             and not (output_hidden_states or output_attentions)
             and step_mask is None
             and not capturing
+            and not keep_written
         )
         # one token after a cache: the keys and values of the segment so far are reused
         if decoding and pending_mask is None:
@@ -143,9 +150,8 @@ class RecurrentSteps:
             return self._decode_token_rows(
                 state, token_embeds, pending, pending_mask, keys_values, write_partial_segment
             )
-        out = self._run_segment_call(
-            state, token_embeds, step_mask, output_hidden_states, output_attentions, pending, pending_mask
-        )
+        outputs = (output_hidden_states, output_attentions)
+        out = self._run_segment_call(state, token_embeds, step_mask, *outputs, pending, pending_mask, keep_written)
         return out if write_partial_segment else out._replace(state=out.cache_state)
 
     def _run_token_call(self, state, token_embeds, step_mask, output_hidden_states, output_attentions):
@@ -212,7 +218,9 @@ class RecurrentSteps:
 
     # -- segment steps (segment_length > 1) --------------------------------------------------------------------------
 
-    def _run_segment_call(self, state, token_embeds, step_mask, all_layers, attentions, pending, pending_mask):
+    def _run_segment_call(
+        self, state, token_embeds, step_mask, all_layers, attentions, pending, pending_mask, keep_written=False
+    ):
         """The segment steps of a call (see `_run_call`)."""
         K = self.config.segment_length
         batch, steps, dim = token_embeds.shape
@@ -246,19 +254,20 @@ class RecurrentSteps:
         checkpointed = self.gradient_checkpointing and self.training
         span = (self.config.checkpoint_every_steps or 1) if checkpointed else segments
         final = state
-        token_outputs, layer_outputs, attention_outputs = [], [], []
+        token_outputs, layer_outputs, attention_outputs, written = [], [], [], []
         for start in range(0, segments, span):
             tokens = slice(start * K, (start + span) * K)
             args = (state, final, stream[:, tokens], None if valid is None else valid[:, tokens], positions, start)
-            args += (all_layers, attentions)
+            args += (all_layers, attentions, keep_written)
             run = self._run_segments
             if checkpointed:
-                state, final, outputs, per_layer, weights = self._gradient_checkpointing_func(run, *args)
+                state, final, outputs, per_layer, weights, states = self._gradient_checkpointing_func(run, *args)
             else:
-                state, final, outputs, per_layer, weights = run(*args)
+                state, final, outputs, per_layer, weights, states = run(*args)
             token_outputs.append(outputs)
             layer_outputs.append(per_layer)
             attention_outputs.append(weights)
+            written.append(states)
 
         def to_call_order(outputs, dim):  # the stream's positions back to the call's (B, T) positions
             outputs = outputs.narrow(dim, 0, length)
@@ -279,21 +288,30 @@ class RecurrentSteps:
         if attentions:
             attention_weights = tuple(_join(attention_outputs, dim=3).unbind(0))  # (B, H, segments, 2M+K, 2M+K)
         pending, pending_mask = self._partial_segment(stream, valid if order is not None else None, length)
-        return CallOutput(final, state, pending, pending_mask, last_hidden_state, hidden_states, attention_weights)
+        out = CallOutput(final, state, pending, pending_mask, last_hidden_state, hidden_states, attention_weights)
+        if not keep_written:
+            return out
+        # the call position of each stream position: -1 for the cache's tokens, masked steps and the padding
+        where = torch.arange(-held, steps, device=stream.device).expand(batch, -1)
+        if order is not None:
+            where = where.gather(1, order).masked_fill(~valid[:, :length], -1)
+        where = F.pad(where.clamp(min=-1), (0, padding), value=-1)
+        return out._replace(written=_join(written, dim=1), written_positions=where.view(batch, segments, K))
 
-    def _run_segments(self, state, final, stream, valid, positions, start, all_layers, attentions):
+    def _run_segments(self, state, final, stream, valid, positions, start, all_layers, attentions, keep_written=False):
         """
         The segments `start, start + 1, ...` of a call over `stream` `(B, k K, D)`, `valid` `(B or 1, k K)` marking
         its tokens (None: all). Returns the state after the complete segments, the state after every segment (a
         partial one included: `final`), the token outputs `(B, k K, D)` and, with `all_layers` / `attentions`, the
-        per-layer token outputs `(L + 1, B, k K, D)` and the windows' weights `(L, B, H, k, 2M + K, 2M + K)`. One
-        function so activation checkpointing can recompute `k` segments at a time.
+        per-layer token outputs `(L + 1, B, k K, D)` and the windows' weights `(L, B, H, k, 2M + K, 2M + K)`, and with
+        `keep_written` the state each segment wrote `(B, k, M, D)`. One function so activation checkpointing can
+        recompute `k` segments at a time.
         """
         M, K = self.state_size, self.config.segment_length
         bptt = self.config.bptt_steps
         allowed = segment_mask(M, K, self.config.rebias, stream.device)
         always = torch.ones(1, M, dtype=torch.bool, device=stream.device)
-        token_outputs, layer_outputs, attention_outputs = [], [], []
+        token_outputs, layer_outputs, attention_outputs, written = [], [], [], []
         for i in range(stream.shape[1] // K):
             s = start + i
             if bptt is not None and s > 0 and s % bptt == 0:
@@ -319,6 +337,8 @@ class RecurrentSteps:
             new_state = out[:, M + K :]
             if self.state_update is not None:
                 new_state = self.state_update(state, new_state, last_out, last_in)
+            if keep_written:
+                written.append(new_state)
             if valid is None:
                 state = final = new_state
             else:  # a complete segment moves the state on; a partial one (a row's last) only the final state
@@ -335,6 +355,7 @@ class RecurrentSteps:
             torch.cat(token_outputs, dim=1),
             torch.cat(layer_outputs, dim=2) if all_layers else None,
             torch.stack(attention_outputs, dim=3) if attentions else None,
+            torch.stack(written, dim=1) if keep_written else None,
         )
 
     def _partial_segment(self, stream, valid, length):

@@ -160,9 +160,15 @@ def test_segments_preset_pairs_segment_gptb_with_its_no_memory_control():
     from modeling_gptb.experiments.memory import SELECTIVE
 
     specs = sample_efficiency.variants(sample_efficiency.PRESETS["segments"])
-    assert set(specs) == {"gptb", "gptb_seg64", "gptb_seg64_nomem", "gpt2_ctx64", "gpt2_ctx256"}
+    assert set(specs) == {"gptb", "gptb_seg64", "gptb_seg64_nomem", "gptb_seg64_write", "gpt2_ctx64", "gpt2_ctx256"}
     seg, nomem = specs["gptb_seg64"], specs["gptb_seg64_nomem"]
     assert seg["overrides"] == nomem["overrides"] == {"state_size": 16, "segment_length": 64, **SELECTIVE}
+    # the write target: the memory model with one more setting, trained on the same rows
+    write = specs["gptb_seg64_write"]
+    assert write == {**seg, "overrides": {**seg["overrides"], "state_write_loss": 5.0}}
+    without = {k: v for k, v in sample_efficiency.PRESETS["segments"].items() if k != "segment_write_loss"}
+    assert "gptb_seg64_write" not in sample_efficiency.variants(without)
+    assert "segment_write_loss" in sample_efficiency._MODEL_CHOICE  # adding it keeps the other models' records
     assert specs["gptb"]["overrides"] == {"state_size": 8}  # the seed's one-token step
     # the memory model reads 4 segments per training row and the whole eval block; the control one segment at a time
     assert (seg["block"], seg["context"]) == (256, None) and (nomem["block"], nomem["context"]) == (64, 64)
@@ -219,6 +225,12 @@ def test_segment_section_reports_paired_gaps_at_every_evaluation():
     runs["gptb"] = runs_of({1: [9.0, 5.0]})  # the one-token model, one seed: paired with that seed only
     text = _segment_section({"runs": runs, "summary": flops})
     assert "| 100 | -0.050 ± 0.212 (1/2) | -0.400 ± 0.141 (2/2) | 0.000 ± 0.141 (1/2) | -0.500 ± 0.000 (1/1) |" in text
+    # the write-target model is paired with the same no-memory control
+    runs["gptb_seg8_write"] = runs_of({0: [9.0, 4.8], 1: [9.0, 5.3]})
+    flops["gptb_seg8_write"] = flops["gptb_seg8"]
+    text = _segment_section({"runs": runs, "summary": flops})
+    assert "### `gptb_seg8_write`" in text and "| `gptb_seg8_write` − `gptb_seg8_nomem` |" in text
+    assert "seed 0: -0.1000, seed 1: -0.1000" in text
 
 
 # Issue 18 item 2: loss by position in long documents. References: one forward per target over exactly the

@@ -393,3 +393,25 @@ def test_no_memory_control_trains_under_both_losses_and_is_never_recommended():
     }
     tasks = {"recall_k32": p["tasks"]["recall_k32"]}
     assert memory.best_gptb({"recall_k32": summary}, tasks, p["models"]) != "gptb_seg16_nomem"
+
+
+def test_write_target_model_adds_its_weighted_term_and_trains_at_its_own_lr(tmp_path):
+    p = {**memory.PRESETS["segments"], "steps": 2, "eval_every": 1, "test_size": 8, "batch": 4, "eval_batch": 8}
+    spec = p["models"]["gptb_seg16_write"]
+    assert spec["overrides"] == {**p["models"]["gptb_seg16_selective"]["overrides"], "state_write_loss": 5.0}
+    torch.manual_seed(0)
+    model = memory.build_model(spec, p, 68).train()
+    batch = make_batch("recall", 4, generator(2), distance=32)
+    out = model(input_ids=batch.inputs)
+    assert out.state_write_loss > 0
+    scored = out.logits[batch.targets != IGNORE]
+    query = torch.nn.functional.cross_entropy(scored, batch.targets[batch.targets != IGNORE])
+    lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB_SIZE), batch.inputs[:, 1:].flatten())
+    for loss, task_part in (("query", query), ("lm", lm)):
+        expected = task_part + 5.0 * out.state_write_loss
+        torch.testing.assert_close(memory.task_loss(model, batch, loss, None), expected, rtol=1e-6, atol=1e-6)
+    task = {**p["tasks"]["recall_k32"], "steps": 2, "eval_every": 1}
+    test = held_out_set(task["task"], 8, 0, **task["params"])
+    assert memory.train_one(task, spec, p, 0, test)["lr"] == 3e-3
+    assert memory.train_one(task, p["models"]["gpt2_full_lr3e-3"], p, 0, test)["lr"] == 3e-3
+    assert memory.train_one(task, p["models"]["gpt2_full"], p, 0, test)["lr"] == p["train"]["lr"]

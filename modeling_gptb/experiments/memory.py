@@ -53,6 +53,7 @@ _BASELINES = {
 # The configuration recommended for memory (`best_config` of the curriculum run): the write let in by a gate on the
 # input token, open halfway, over a residual stream
 SELECTIVE = {"state_update": "selective", "state_retain_init": 1.0, "state_gate_bias": 0.0}
+WRITE_TARGET_WEIGHT, WRITE_TARGET_LR = 5.0, 3e-3
 # A retain gate open from the start (sigmoid(2) = 0.88 kept per step) over a state read at the embeddings' scale;
 # the residual stream S' = S + write; the same with the write let in by a gate on the input token (open halfway);
 # the same gate reading the token position's output instead
@@ -77,10 +78,16 @@ _VARIANTS = {
 
 def _segments(k: int) -> dict:
     """Segment GPTB (`segment_length` k) with the selective update and the seed's, and the no-memory control: the
-    selective one with every segment of k tokens read from the initial state (`reset_every`)."""
+    selective one with every segment of k tokens read from the initial state (`reset_every`); the selective one with
+    the write target (`state_write_loss` 5 at lr 3e-3, both chosen on the validation sets: study.md, issue 18)."""
     selective = {**SELECTIVE, "segment_length": k}
     return {
         f"gptb_seg{k}_selective": {"kind": "gptb", "overrides": selective},
+        f"gptb_seg{k}_write": {
+            "kind": "gptb",
+            "overrides": {**selective, "state_write_loss": WRITE_TARGET_WEIGHT},
+            "train": {"lr": WRITE_TARGET_LR},
+        },
         f"gptb_seg{k}_replace": {"kind": "gptb", "overrides": {"state_update": "replace", "segment_length": k}},
         f"gptb_seg{k}_nomem": {"kind": "gptb", "overrides": selective, "reset_every": k},
     }
@@ -202,6 +209,8 @@ PRESETS = {
             **_segments(16),
             "gptb_selective": _VARIANTS["gptb_selective"],
             "gpt2_full": _BASELINES["gpt2_full"],
+            # the baseline at the write target's learning rate, so the lr alone is not what differs
+            "gpt2_full_lr3e-3": {**_BASELINES["gpt2_full"], "train": {"lr": WRITE_TARGET_LR}},
             "gpt2_ctx16": {"kind": "gpt2", "context": 16},
             "lstm": _BASELINES["lstm"],
         },
@@ -316,12 +325,22 @@ def scored_logits(
 
 
 def task_loss(model, batch, loss: str, context: int | None, reset: int | None = None) -> torch.Tensor:
+    write_weight = getattr(getattr(model, "config", None), "state_write_loss", 0.0)
+    if write_weight and context is None and reset is None:  # one call gives the logits and the write target's term
+        out = model(input_ids=batch.inputs)
+        rows, steps = (batch.targets != IGNORE).nonzero(as_tuple=True)
+        logits = out.logits if loss == "lm" else out.logits[rows, steps]
+        return _cross_entropy(logits, batch, loss) + write_weight * out.state_write_loss
     if loss == "lm":
-        logits = common.window_logits(model, batch.inputs, reset)
+        return _cross_entropy(common.window_logits(model, batch.inputs, reset), batch, loss)
+    return _cross_entropy(scored_logits(model, batch.inputs, batch.targets, context, reset), batch, loss)
+
+
+def _cross_entropy(logits: torch.Tensor, batch, loss: str) -> torch.Tensor:
+    """The task's loss from `logits`: every next token (`"lm"`, logits (N, T, V)) or the scored steps (S, V)."""
+    if loss == "lm":
         return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB_SIZE), batch.inputs[:, 1:].reshape(-1))
-    return F.cross_entropy(
-        scored_logits(model, batch.inputs, batch.targets, context, reset), batch.targets[batch.targets != IGNORE]
-    )
+    return F.cross_entropy(logits, batch.targets[batch.targets != IGNORE])
 
 
 @torch.no_grad()
@@ -361,6 +380,7 @@ def train_one(task_spec: dict, model_spec: dict, p: dict, seed: int, test, desc:
     model = build_model(model_spec, p, length)
     context, reset = model_spec.get("context"), model_spec.get("reset_every")
     generator = train_generator(seed)
+    train = {**p["train"], **model_spec.get("train", {})}  # a model may train at its own learning rate
     steps_taken = 0
 
     def step_loss(model, dev):
@@ -376,7 +396,7 @@ def train_one(task_spec: dict, model_spec: dict, p: dict, seed: int, test, desc:
         None,
         p["batch"] * length,
         steps,
-        p["train"],
+        train,
         evaluate=lambda: accuracy(model, test, context, p["eval_batch"], reset),
         eval_every=eval_every,
         desc=desc,
@@ -392,6 +412,7 @@ def train_one(task_spec: dict, model_spec: dict, p: dict, seed: int, test, desc:
         "train_loss_step": history["step"][::every],
         "train_loss": history["train_loss"][::every],
         "sec_per_step": history["sec_per_step"],
+        "lr": train["lr"],
     }
     if model_spec["kind"] == "gptb":
         record["config"] = {k: v for k, v in model.config.to_dict().items() if k != "transformers_version"}
@@ -588,13 +609,15 @@ def _report(result: dict, out: Path) -> None:
     p = result["config"]
     own = [f"`{t}` {p['tasks'][t]['steps']}" for t in summary if "steps" in p["tasks"][t]]  # a task's own budget
     steps = f"{p['steps']} steps" + (f" ({', '.join(own)})" if own else "")
+    lrs = [f"`{m}` {p['models'][m]['train']['lr']}" for m in models if "lr" in p["models"].get(m, {}).get("train", {})]
+    own_lr = f" ({', '.join(lrs)})" if lrs else ""  # a model's own learning rate
     common.experiment_report(
         out,
         "Memory: recall, MQAR, selective copying and parity",
         result,
         [
             f"Width {p['arch']['n_embd']}, depth {p['arch']['n_layer']}, {p['arch']['n_head']} heads, GPTB state "
-            f"{p['state_size']} slots; batch {p['batch']}, {steps}, lr {p['train']['lr']}; accuracy on "
+            f"{p['state_size']} slots; batch {p['batch']}, {steps}, lr {p['train']['lr']}{own_lr}; accuracy on "
             f"{p['test_size']} held-out sequences per task. Recommended GPTB configuration: `{result['best_model']}`.",
             "## Final held-out accuracy (mean ± s.d.; seeds >= 0.95 in brackets)\n\n" + table,
             "## Seconds per training step (mean over seeds; the machine above)\n\n" + seconds,

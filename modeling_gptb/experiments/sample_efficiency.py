@@ -96,6 +96,9 @@ PRESETS = {
         "norebias_control": False,
         "ablation_state_sizes": [],
         "segment": {"segment_length": 64, "block": 256, "state_size": 16, **SELECTIVE},
+        # the write target at the memory benchmark's weight (not tuned here); a model choice, so adding it keeps the
+        # other models' saved records
+        "segment_write_loss": 5.0,
         "position": {"doc_tokens": 2048, "buckets": [0, 64, 256, 1024, 2048], "resolution": 64},
     },
     "gpu": {
@@ -141,7 +144,7 @@ PRESETS = {
 }
 # Preset keys that only choose which models run: a finished (model, seed) record stays valid when they change.
 _MODEL_CHOICE = ("one_token", "one_token_seeds", "gptb_variants", "gpt2_contexts", "ablation_state_sizes")
-_MODEL_CHOICE += ("norebias_control",)
+_MODEL_CHOICE += ("norebias_control", "segment_write_loss")
 
 
 def variants(p: dict) -> dict[str, dict]:
@@ -150,7 +153,8 @@ def variants(p: dict) -> dict[str, dict]:
 
     A preset's `segment` (`segment_length` K, `block`, GPTB overrides) adds `gptb_segK`, trained on blocks of
     `block` tokens (the state carried across their segments), and its no-memory control `gptb_segK_nomem`: the same
-    model trained and evaluated on rows of K tokens, so every segment starts from the initial state. `one_token`
+    model trained and evaluated on rows of K tokens, so every segment starts from the initial state; with
+    `segment_write_loss`, `gptb_segK_write`, `gptb_segK` with that write target weight. `one_token`
     (default True) keeps the seed's `gptb`, `norebias_control` (default True) its control `gptb_norebias`.
     """
 
@@ -166,6 +170,8 @@ def variants(p: dict) -> dict[str, dict]:
             raise ValueError(f"segment block must be a multiple of segment_length {k} above it, got {block}")
         out[f"gptb_seg{k}"] = gptb(block=block, **segment)
         out[f"gptb_seg{k}_nomem"] = gptb(block=k, context=k, **segment)
+        if p.get("segment_write_loss"):  # the same with the write target (docs/design.md#the-write-target)
+            out[f"gptb_seg{k}_write"] = gptb(block=block, **segment, state_write_loss=p["segment_write_loss"])
     for name, overrides in p.get("gptb_variants", {}).items():
         out[name] = gptb(**overrides)
     for ctx in p["gpt2_contexts"]:
@@ -362,14 +368,20 @@ def _paired_gaps(runs: dict, name: str, reference: str, key: str = "eval_loss") 
     return gaps
 
 
+def _no_memory_control(name: str, names) -> str | None:
+    """The no-memory control of segment GPTB `name` (`gptb_segK`, or `gptb_segK_write` with the write target)."""
+    control = f"{name.removesuffix('_write')}_nomem"
+    return control if name.startswith("gptb_seg") and name != control and control in names else None
+
+
 def _segment_section(result: dict) -> str:
     """Segment GPTB against its no-memory control and GPT-2 at context 64 at every evaluation, paired by seed."""
     runs, s = result["runs"], result["summary"]
-    names = [n for n in runs if n.startswith("gptb_seg") and not n.endswith("_nomem") and f"{n}_nomem" in runs]
+    names = [n for n in runs if _no_memory_control(n, runs)]
     gpt2 = sorted((n for n in runs if n.startswith("gpt2_ctx")), key=lambda n: int(n.removeprefix("gpt2_ctx")))
     sections = []
     for name in names:
-        control = f"{name}_nomem"
+        control = _no_memory_control(name, runs)
         pairs = [(name, control)] + [(name, g) for g in gpt2[:1]] + [(g, gpt2[0]) for g in gpt2[1:]]
         pairs += [("gptb", gpt2[0])] if "gptb" in runs else []  # the seed's one-token step, where it ran
         gaps = {pair: _paired_gaps(runs, *pair) for pair in pairs}
@@ -449,8 +461,8 @@ def _position_section(result: dict) -> str:
         "over seeds.\n\n" + common.markdown_table(["model", "seeds", *labels], rows)
     )
     gpt2 = sorted((n for n in names if n.startswith("gpt2_ctx")), key=lambda n: int(n.removeprefix("gpt2_ctx")))
-    for name in (n for n in names if n.startswith("gptb_seg") and f"{n}_nomem" in names):
-        pairs = [(name, f"{name}_nomem"), *((name, g) for g in gpt2)]
+    for name in (n for n in names if _no_memory_control(n, names)):
+        pairs = [(name, _no_memory_control(name, names)), *((name, g) for g in gpt2)]
         gaps = {pair: _paired_gaps(runs, *pair, key="position_loss") for pair in pairs}
         rows = [
             [f"`{a}` − `{b}`"] + [f"{common.fmt(m, sd)} ({lower}/{n})" for m, sd, lower, n in gaps[(a, b)]]
