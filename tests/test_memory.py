@@ -415,3 +415,12 @@ def test_write_target_model_adds_its_weighted_term_and_trains_at_its_own_lr(tmp_
     assert memory.train_one(task, spec, p, 0, test)["lr"] == 3e-3
     assert memory.train_one(task, p["models"]["gpt2_full_lr3e-3"], p, 0, test)["lr"] == 3e-3
     assert memory.train_one(task, p["models"]["gpt2_full"], p, 0, test)["lr"] == p["train"]["lr"]
+
+
+def test_segments_long_reuses_the_recall_tasks_and_their_held_out_sets():
+    long, short = memory.PRESETS["segments_long"], memory.PRESETS["segments"]
+    assert list(long["tasks"]) == list(short["tasks"])[:2] == ["recall_k32", "recall_k32_lm"]
+    assert long["steps"] == 2 * short["steps"]
+    for index, name in enumerate(long["tasks"]):  # a task's held-out set is drawn from its index in the preset
+        assert long["tasks"][name] == short["tasks"][name] and list(short["tasks"]).index(name) == index
+    assert long["models"]["gptb_seg16_write"] == short["models"]["gptb_seg16_write"]

@@ -5,6 +5,7 @@ over K.)"""
 import pytest
 import torch
 from conftest import randomize, tiny_model, train_steps
+from safetensors import safe_open
 from test_train_cli import fresh_accelerate_state, train  # noqa: F401 (an autouse fixture)
 from transformers import AutoModelForCausalLM
 
@@ -52,3 +53,17 @@ def test_lora_on_segment_steps_trains_and_reloads_equal(tmp_path):
         assert torch.equal(reloaded(x).logits, model(x).logits)
     generated = reloaded.generate(input_ids=x[:, :3], max_new_tokens=6, do_sample=False)
     assert generated.shape == (3, 9)
+
+
+def test_gptb_train_with_the_write_target(tmp_path):
+    # the real Trainer under `gptb train`, with gradient accumulation (num_items_in_batch weighs the write term)
+    output = tmp_path / "out"
+    extra = ("--block_size", "32", "--gradient_accumulation_steps", "2")
+    assert train(output, *extra, "--set", "segment_length=8", "--set", "state_write_loss=2.0") == 0
+    model = GPTBLMHeadModel.from_pretrained(output)
+    assert model.config.state_write_loss == 2.0 and model.write_probe is not None
+    with safe_open(output / "model.safetensors", "pt") as saved:  # loaded from the file, not drawn afresh
+        assert torch.equal(saved.get_tensor("write_probe.weight"), model.write_probe.weight)
+    x = torch.randint(0, model.config.vocab_size, (2, 32))
+    out = model.train()(x, labels=x)
+    assert torch.isfinite(out.loss) and out.state_write_loss > 0

@@ -76,6 +76,10 @@ _VARIANTS = {
 }
 
 
+# the baseline at the write target's learning rate, so the learning rate alone is not what differs
+GPT2_AT_WRITE_TARGET_LR = {**_BASELINES["gpt2_full"], "train": {"lr": WRITE_TARGET_LR}}
+
+
 def _segments(k: int) -> dict:
     """Segment GPTB (`segment_length` k) with the selective update and the seed's, and the no-memory control: the
     selective one with every segment of k tokens read from the initial state (`reset_every`); the selective one with
@@ -209,10 +213,20 @@ PRESETS = {
             **_segments(16),
             "gptb_selective": _VARIANTS["gptb_selective"],
             "gpt2_full": _BASELINES["gpt2_full"],
-            # the baseline at the write target's learning rate, so the lr alone is not what differs
-            "gpt2_full_lr3e-3": {**_BASELINES["gpt2_full"], "train": {"lr": WRITE_TARGET_LR}},
+            "gpt2_full_lr3e-3": GPT2_AT_WRITE_TARGET_LR,
             "gpt2_ctx16": {"kind": "gpt2", "context": 16},
             "lstm": _BASELINES["lstm"],
+        },
+    },
+    # The recall tasks at twice the budget, for the write target (its validation probe reached 1.00 at 3,200 steps):
+    # the same held-out sets as `segments` (the recall tasks come first in both), GPT-2 at both learning rates
+    "segments_long": {
+        **_budget(steps=3200, eval_every=400),
+        "tasks": {name: spec for name, spec in _across_segments(16, pairs=4, count=4).items() if "recall" in name},
+        "models": {
+            "gptb_seg16_write": _segments(16)["gptb_seg16_write"],
+            "gpt2_full": _BASELINES["gpt2_full"],
+            "gpt2_full_lr3e-3": GPT2_AT_WRITE_TARGET_LR,
         },
     },
     # The same at the issue's scale, for a GPU: K = 64, recall at distance 128, MQAR with 8 pairs, 8 values to copy
