@@ -218,7 +218,7 @@ def test_a_variant_is_recommended_only_when_it_beats_the_seeds_update():
     assert memory.best_gptb(summary([1.0, 0.1, 0.0], [0.9, 0.9, 0.0]), tasks, models) == "gptb_gated"  # solves more
 
 
-def test_runs_of_different_tasks_combine_into_one_result(tmp_path):
+def test_runs_of_different_tasks_combine_into_one_result(tmp_path, monkeypatch):
     memory.run("mini", [0], tmp_path / "a", tasks=["parity_4"], models=["gptb_replace", "lstm"])
     memory.run("mini", [0], tmp_path / "b", tasks=["mqar_2"], models=["gptb_replace", "lstm"])
     combined = memory.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
@@ -226,6 +226,16 @@ def test_runs_of_different_tasks_combine_into_one_result(tmp_path):
     saved = json.loads((tmp_path / "all" / "results.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(combined["runs"])) and saved["best_model"] == "gptb_replace"
     assert (tmp_path / "all" / "memory.png").exists() and "parity_4" in (tmp_path / "all" / "report.md").read_text()
+    # the time is the parts' sum, said as such; the machine is the one the parts ran on, not the combining process's
+    parts = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("a", "b")]
+    with monkeypatch.context() as patch:
+        patch.setattr(memory.common, "machine", lambda: {"the combining process": True})
+        again = memory.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "again")
+    report = (tmp_path / "again" / "report.md").read_text()
+    assert "summed over the 2 runs combined" in report and "Wall time" not in report
+    assert again["combined_parts"] == 2 and again["machine"] == parts[0]["machine"]
+    assert json.dumps(parts[0]["machine"]) in report and "the combining process" not in report
+    assert again["elapsed_s"] >= sum(part["elapsed_s"] for part in parts)
     memory.run("mini", [0, 1], tmp_path / "c", tasks=["parity_4"], models=["gpt2_full"])  # other models and seeds
     merged = memory.combine([tmp_path / "a", tmp_path / "c"], tmp_path / "merged")
     assert set(merged["runs"]["parity_4"]) == {"gptb_replace", "lstm", "gpt2_full"} and merged["seeds"] == [0, 1]

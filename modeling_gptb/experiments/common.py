@@ -451,7 +451,8 @@ def finish_run(header: dict, out: Path, plots, report, **fields) -> dict:
     """The result every experiment returns (what ran, where, how long, then `fields`), saved by `save_results`."""
     header = dict(header)
     elapsed = time.time() - header.pop("started")
-    result = {**header, "machine": machine(), "elapsed_s": elapsed, **fields}
+    # a combined result keeps the machine its parts ran on, not the combining process's
+    result = {**header, "machine": header.get("machine", machine()), "elapsed_s": elapsed, **fields}
     return save_results(result, out, plots, report)
 
 
@@ -521,6 +522,8 @@ def experiment_report(out: Path, title: str, result: dict, sections: list[str]) 
         result["config"],
         result["elapsed_s"],
         result.get("records_read_back", 0),
+        result["machine"],
+        result.get("combined_parts"),
     )
     return write_report(out / "report.md", title, [header, *sections])
 
@@ -574,15 +577,30 @@ def shaded(ax, x, runs: list[list[float]], label: str, **kwargs) -> None:
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
-def header_section(name: str, preset: str, seeds: list[int], config: dict, elapsed: float, read_back: int = 0) -> str:
-    """The report's first lines; `read_back` (model, seed) records finished in earlier calls are not in the time."""
+def header_section(
+    name: str,
+    preset: str,
+    seeds: list[int],
+    config: dict,
+    elapsed: float,
+    read_back: int = 0,
+    machine_info: dict | None = None,
+    parts: int | None = None,
+) -> str:
+    """The report's first lines; `read_back` (model, seed) records finished in earlier calls are not in the time; a
+    result combined from `parts` runs gives their summed time, which is not a wall time when they ran side by side."""
     earlier = (
         f" in this call; {read_back} finished (model, seed) runs read back from earlier calls" if read_back else ""
     )
+    time_line = f"Wall time: {elapsed / 60:.1f} min{earlier}"
+    if parts:
+        time_line = (
+            f"Time: {elapsed / 60:.1f} min, summed over the {parts} runs combined (some may have run side by side)"
+        )
     return (
         f"Command: `gptb experiment {name} --preset {preset} --seeds {len(seeds)}`  \n"
-        f"Seeds: {seeds}. Wall time: {elapsed / 60:.1f} min{earlier}.  \n"
-        f"Machine: {json.dumps(machine())}\n\n"
+        f"Seeds: {seeds}. {time_line}.  \n"
+        f"Machine: {json.dumps(machine_info or machine())}\n\n"
         f"<details><summary>Preset</summary>\n\n```json\n{json.dumps(config, indent=2)}\n```\n</details>"
     )
 

@@ -496,6 +496,8 @@ def combine(parts: list[Path], out: Path) -> dict:
         p[key] = {name: spec for result in results for name, spec in result["config"][key].items()}
     header = common.start_run(NAME, first["preset"], p, sorted({seed for r in results for seed in r["seeds"]}))
     header["started"] -= sum(result["elapsed_s"] for result in results)
+    header["combined_parts"] = len(parts)
+    header["machine"] = results[0]["machine"]  # where the runs ran (each part says its own in its results.json)
     return _finish(header, out, runs, {t: p["tasks"][t] for t in runs}, p["models"])
 
 
