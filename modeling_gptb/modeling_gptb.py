@@ -587,7 +587,7 @@ class GPTBModel(RecurrentSteps, GPTBPreTrainedModel):
 
         if not isinstance(write_partial_segment, bool):
             raise ValueError(f"`write_partial_segment` must be True or False, got {write_partial_segment!r}")
-        if output_written_states not in (True, False) or (output_written_states and self.config.segment_length == 1):
+        if not isinstance(output_written_states, bool) or (output_written_states and self.config.segment_length == 1):
             raise ValueError(
                 "`output_written_states` must be True or False, and True only with segment steps (segment_length > 1, "
                 f"this model's is {self.config.segment_length}), got {output_written_states!r}"

@@ -167,6 +167,8 @@ def test_embeddings_alone_cannot_be_scored_in_training():
 def test_written_states_only_with_segment_steps():
     with pytest.raises(ValueError, match="only with segment steps"):
         tiny_model().transformer(ids(), output_written_states=True)
+    with pytest.raises(ValueError, match="must be True or False"):  # a real bool, as `write_partial_segment`
+        tiny_model(segment_length=K).transformer(ids(), output_written_states=1)
 
 
 def test_training_on_the_target_lowers_it():

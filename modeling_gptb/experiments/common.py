@@ -521,8 +521,8 @@ def experiment_report(out: Path, title: str, result: dict, sections: list[str]) 
         result["seeds"],
         result["config"],
         result["elapsed_s"],
-        result.get("records_read_back", 0),
         result["machine"],
+        result.get("records_read_back", 0),
         result.get("combined_parts"),
     )
     return write_report(out / "report.md", title, [header, *sections])
@@ -583,8 +583,8 @@ def header_section(
     seeds: list[int],
     config: dict,
     elapsed: float,
+    machine_info: dict,
     read_back: int = 0,
-    machine_info: dict | None = None,
     parts: int | None = None,
 ) -> str:
     """The report's first lines; `read_back` (model, seed) records finished in earlier calls are not in the time; a
@@ -600,7 +600,7 @@ def header_section(
     return (
         f"Command: `gptb experiment {name} --preset {preset} --seeds {len(seeds)}`  \n"
         f"Seeds: {seeds}. {time_line}.  \n"
-        f"Machine: {json.dumps(machine_info or machine())}\n\n"
+        f"Machine: {json.dumps(machine_info)}\n\n"
         f"<details><summary>Preset</summary>\n\n```json\n{json.dumps(config, indent=2)}\n```\n</details>"
     )
 

@@ -342,8 +342,7 @@ def task_loss(model, batch, loss: str, context: int | None, reset: int | None = 
     write_weight = getattr(getattr(model, "config", None), "state_write_loss", 0.0)
     if write_weight and context is None and reset is None:  # one call gives the logits and the write target's term
         out = model(input_ids=batch.inputs)
-        rows, steps = (batch.targets != IGNORE).nonzero(as_tuple=True)
-        logits = out.logits if loss == "lm" else out.logits[rows, steps]
+        logits = out.logits if loss == "lm" else out.logits[batch.targets != IGNORE]
         return _cross_entropy(logits, batch, loss) + write_weight * out.state_write_loss
     if loss == "lm":
         return _cross_entropy(common.window_logits(model, batch.inputs, reset), batch, loss)
