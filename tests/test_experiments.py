@@ -380,3 +380,61 @@ def test_outlier_exposure_never_fits_on_a_test_set():
     texts = novelty.outlier_texts(novelty.PRESETS["mini"])
     test_chars = novelty.novel_texts("random-chars", 50)[0]  # the random-character test set's start
     assert "de" not in texts and texts["random-chars"][0][:50] != test_chars
+
+
+def test_weighted_z_sum_uses_the_calibration_rows_statistics():
+    from modeling_gptb.experiments.novelty import METHODS, ONE_SIDED_SIGNALS, SIGNAL_WEIGHTS, weighted_z_sum
+
+    rng = np.random.default_rng(1)
+    calibration = {name: rng.normal(i, i + 1.0, 50) for i, name in enumerate(SIGNAL_WEIGHTS)}
+    scored = {name: rng.normal(0.0, 3.0, 7) for name in SIGNAL_WEIGHTS}
+    score = weighted_z_sum({n: torch.from_numpy(v) for n, v in calibration.items()}, SIGNAL_WEIGHTS, ONE_SIDED_SIGNALS)
+    got = score({n: torch.from_numpy(v) for n, v in scored.items()}).numpy()
+    # from the definition: each signal standardised by the calibration rows' mean and (n-1) s.d., the one-sided ones
+    # floored at 0, then weighted
+    want = 0.0
+    for name, weight in SIGNAL_WEIGHTS.items():
+        z = (scored[name] - calibration[name].mean()) / calibration[name].std(ddof=1)
+        want = want + weight * (np.maximum(z, 0.0) if name in ONE_SIDED_SIGNALS else z)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert ONE_SIDED_SIGNALS == ("outlier_exposure",)  # the floor is exercised: some scored z are negative
+    assert ((scored["outlier_exposure"] - calibration["outlier_exposure"].mean()) < 0).any()
+    assert "art+loss+outlier_exposure" in METHODS
+
+
+def test_held_out_blocks_spread_over_documents():
+    from modeling_gptb.experiments import common, novelty
+
+    texts = ["a" * 100, "short", "b" * 70, "c" * 45]  # byte tokens: 100, 5, 70 and 45 (+ eos each)
+    tokenizer = common.make_tokenizer("byte", texts)
+    p = {"block": 16, "blocks_per_document": 2}
+    blocks, used = novelty.held_out_blocks(texts, tokenizer, p, limit=5)
+    # two blocks from the first document, none from the too-short second, two from the third, one from the fourth
+    assert used == 4 and blocks.shape == (5, 16)
+    first_bytes = [tokenizer.decode(row[:1]) for row in blocks]
+    assert first_bytes == ["a", "a", "b", "b", "c"]
+    blocks, used = novelty.held_out_blocks(texts, tokenizer, p, limit=3)
+    assert used == 3 and [tokenizer.decode(row[:1]) for row in blocks] == ["a", "a", "b"]  # stops at the limit
+    stream, used = novelty.held_out_blocks(texts, tokenizer, p, limit=5, per_document=None)
+    assert used == 4 and torch.equal(stream, common.blocks_of(common.token_stream(texts, tokenizer), 16, 5))
+    with pytest.raises(ValueError, match="holds a block of 16 tokens"):
+        novelty.held_out_blocks(["tiny"], tokenizer, p, limit=5)
+
+
+def test_in_domain_held_out_texts_are_never_trained_on():
+    from modeling_gptb.experiments import common, novelty
+
+    p = novelty.PRESETS["mini"]
+    held_out = novelty.in_domain_held_out_texts(p)
+    validation = common.load_texts(p["domain_a"], "validation", p["val_chars"])
+    assert held_out[: len(validation)] == validation and len(held_out) > len(validation)
+    # the training split in training order: the held-out part starts with the first document that starts at or past
+    # the cap; the document cut at the cap (partly trained on) is not in it
+    ordered = common.load_texts(p["domain_a"], "train", p["train_chars"] + p["val_chars"])
+    starts = np.cumsum([0] + [len(t) for t in ordered[:-1]])
+    first_past = int(np.argmax(starts >= p["train_chars"]))
+    assert starts[first_past - 1] < p["train_chars"] < starts[first_past - 1] + len(ordered[first_past - 1])
+    assert held_out[len(validation) :] == ordered[first_past:]
+    trained = "".join(common.load_texts(p["domain_a"], "train", p["train_chars"]))
+    assert len(trained) == p["train_chars"] and ordered[first_past - 1][:40] in trained
+    assert novelty.in_domain_held_out_texts({**p, "train_chars": None}) == validation
