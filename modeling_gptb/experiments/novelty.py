@@ -116,8 +116,8 @@ PRESETS = {
         "steps": 300,
         "train": {"lr": 2e-3, "weight_decay": 0.1},
         "train_reference_blocks": 600,
-        "calibration_blocks": 150,
-        "test_blocks": 300,
+        "calibration_blocks": 300,
+        "test_blocks": 600,  # per set, at most: the code validation split holds 386 blocks (26 modules)
         "eval_batch": 50,
     },
     "gpu": {
