@@ -407,7 +407,7 @@ def test_held_out_blocks_spread_over_documents():
 
     texts = ["a" * 100, "short", "b" * 70, "c" * 45]  # byte tokens: 100, 5, 70 and 45 (+ eos each)
     tokenizer = common.make_tokenizer("byte", texts)
-    p = {"block": 16, "blocks_per_document": 2}
+    p = {"block": 64, "text_tokens": 16, "blocks_per_document": 2}  # texts of 16 tokens, not the training window
     blocks, used = novelty.held_out_blocks(texts, tokenizer, p, limit=5)
     # two blocks from the first document, none from the too-short second, two from the third, one from the fourth
     assert used == 4 and blocks.shape == (5, 16)

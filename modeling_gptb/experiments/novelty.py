@@ -113,11 +113,14 @@ PRESETS = {
         "fpr": 0.05,
         "tokens_per_step": 1024,
         "block": 64,
+        # tokens per scored text (held-out, reference and outlier blocks): 128 beat 64 and 256 on validation
+        "text_tokens": 128,
         "steps": 300,
         "train": {"lr": 2e-3, "weight_decay": 0.1},
         "train_reference_blocks": 600,
-        "calibration_blocks": 300,
-        "test_blocks": 600,  # per set, at most: the code validation split holds 386 blocks (26 modules)
+        # in-domain calibration and test take 104 documents, before those the 128-token validation probe read
+        "calibration_blocks": 200,
+        "test_blocks": 400,  # per set, at most: the code validation split holds 364 blocks (26 modules)
         "eval_batch": 50,
     },
     "gpu": {
@@ -140,6 +143,7 @@ PRESETS = {
         "fpr": 0.05,
         "tokens_per_step": 8192,
         "block": 128,
+        "text_tokens": 128,
         "steps": 1500,
         "train": {"lr": 1e-3, "weight_decay": 0.1},
         "train_reference_blocks": 5000,
@@ -167,6 +171,7 @@ PRESETS = {
         "fpr": 0.05,
         "tokens_per_step": 128,
         "block": 16,
+        "text_tokens": 16,
         "steps": 3,
         "train": {"lr": 3e-3, "weight_decay": 0.1},
         "train_reference_blocks": 32,
@@ -269,21 +274,22 @@ def weighted_z_sum(calibration: dict[str, torch.Tensor], weights: dict[str, floa
 
 
 def held_out_blocks(texts: list[str], tokenizer, p: dict, limit: int, per_document="preset"):
-    """Up to `limit` blocks of `p["block"]` tokens and the number of documents they come from: at most `per_document`
-    (default: the preset's `blocks_per_document`) from each document in order, so a held-out set spreads over many
-    documents rather than the first few long ones; `None`: the documents as one stream (every document counted)."""
+    """Up to `limit` blocks of `p["text_tokens"]` tokens and the number of documents they come from: at most
+    `per_document` (default: the preset's `blocks_per_document`) from each document in order, so a held-out set spreads
+    over many documents rather than the first few long ones; `None`: the documents as one stream (every document
+    counted)."""
     per_document = p["blocks_per_document"] if per_document == "preset" else per_document
     if per_document is None:
-        return common.blocks_of(common.token_stream(texts, tokenizer), p["block"], limit), len(texts)
+        return common.blocks_of(common.token_stream(texts, tokenizer), p["text_tokens"], limit), len(texts)
     parts, taken, used = [], 0, 0
     while used < len(texts) and taken < limit:
         ids = common.token_stream([texts[used]], tokenizer)
         used += 1
-        if len(ids) >= p["block"]:
-            parts.append(common.blocks_of(ids, p["block"], min(per_document, limit - taken)))
+        if len(ids) >= p["text_tokens"]:
+            parts.append(common.blocks_of(ids, p["text_tokens"], min(per_document, limit - taken)))
             taken += len(parts[-1])
     if not parts:
-        raise ValueError(f"no document of these {len(texts)} holds a block of {p['block']} tokens")
+        raise ValueError(f"no document of these {len(texts)} holds a block of {p['text_tokens']} tokens")
     return torch.cat(parts), used
 
 
@@ -344,7 +350,7 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
     train_texts = common.load_texts(p["domain_a"], "train", p["train_chars"])
     tokenizer = common.make_tokenizer(p["tokenizer"], train_texts)
     train_stream = common.token_stream(train_texts, tokenizer)
-    reference = common.blocks_of(train_stream, p["block"])
+    reference = common.blocks_of(train_stream, p["text_tokens"])
     reference = reference[torch.randperm(len(reference), generator=torch.Generator().manual_seed(1234))]
     reference = reference[: p["train_reference_blocks"]]
     held_out_texts = in_domain_held_out_texts(p)
@@ -362,7 +368,7 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
         test[domain], documents[domain] = held_out_blocks(texts, tokenizer, p, p["test_blocks"], spread)
     novel_domains = [domain for domain in p["other_domains"] if domain in test]
     outlier_sources = {
-        name: common.blocks_of(common.token_stream(texts, tokenizer), p["block"], p["outlier_blocks"])
+        name: common.blocks_of(common.token_stream(texts, tokenizer), p["text_tokens"], p["outlier_blocks"])
         for name, texts in outlier_texts(p).items()
     }
     outliers = torch.cat(list(outlier_sources.values()))
@@ -568,8 +574,9 @@ def _report(result: dict, out: Path) -> None:
         "Novelty detection: ART memory vs baselines",
         result,
         [
-            f"Trained on `{p['domain_a']}` for {p['steps']} steps x {p['tokens_per_step']} tokens; held-out blocks of "
-            f"{p['block']} tokens, {p['test_blocks']} per set ({p['calibration_blocks']} more held-out "
+            f"Trained on `{p['domain_a']}` for {p['steps']} steps x {p['tokens_per_step']} tokens in windows of "
+            f"{p['block']}; scored texts (held-out, reference and outlier blocks) of {p['text_tokens']} tokens, "
+            f"{p['test_blocks']} per set ({p['calibration_blocks']} more held-out "
             f"`{p['domain_a']}` blocks calibrate the verdict at {p['fpr']:.0%} false positives). Categories: learned "
             f"during training (vigilance {p['art']['art_vigilance']}, capacity {p['art']['art_max_categories']}) "
             f"{cats}; fitted to the final model per input (vigilance {p['vigilance']}, learning rate {p['beta']} "
