@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--vigilance 0.98 --beta 0.1, with --max-categories about half of --blocks",
     )
     report.add_argument(
+        "--outliers",
+        action="append",
+        metavar="CORPUS_OR_FILE",
+        help="with --fit-on: text that is neither the model's domain nor what you mean to detect (other languages, "
+        "random characters; a built-in corpus or a text file; repeatable): fit the outlier probe against it, and "
+        "calibrate the 'outliers' score (docs/design.md#outlier-exposure)",
+    )
+    report.add_argument(
         "--calibrate-on",
         help="calibrate the verdict on held-out in-domain text: a built-in corpus (its validation split) or a text "
         "file",

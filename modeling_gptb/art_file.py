@@ -1,12 +1,13 @@
 """
 The `art_memory.safetensors` file: safetensors with tensors `prototypes`, `counts` and `novelty_histogram` (from
 format version 3 also the fitted input transform, the calibration and what describes each category:
-`VERSION_3_TENSORS`; from version 4 the per-dimension scale of the `standardize` transform: `VERSION_4_TENSORS`), and
+`VERSION_3_TENSORS`; from version 4 the per-dimension scale of the `standardize` transform: `VERSION_4_TENSORS`; from
+version 5 the outlier probe and two more calibration fields: `VERSION_5_TENSORS`), and
 in its metadata the hyperparameters, the format version, optionally the sha256 of each weights file saved with the
 memory (`weights_sha256`), and a checksum (`sha256`) over all of the metadata and the tensor data. Version 2 files
 (written before the input transform existed) load as memories with `input_transform="none"`, uncalibrated; version 3
-files (before `standardize`) with a per-dimension scale of ones. Design:
-`docs/design.md#art_memorysafetensors`.
+files (before `standardize`) with a per-dimension scale of ones, version 3 and 4 files without an outlier probe.
+Design: `docs/design.md#art_memorysafetensors`.
 """
 
 import hashlib
@@ -24,7 +25,7 @@ from .configuration_gptb import ART_INPUT_TRANSFORMS, art_rule_dim
 
 ART_MEMORY_FILE = "art_memory.safetensors"
 ART_FORMAT = "gptb-art-memory"
-ART_FORMAT_VERSION = 4
+ART_FORMAT_VERSION = 5
 # Tensors a version 3 file adds (k: categories, d: dim): name -> (dtype, shape from k and d). Their values are checked
 # as far as a reader relies on them; NaN in `calibration` means "not calibrated".
 VERSION_3_TENSORS = {
@@ -38,8 +39,15 @@ VERSION_3_TENSORS = {
 }
 # Version 4 adds the `standardize` transform's per-dimension scale (ones for the other transforms).
 VERSION_4_TENSORS = {"input_dim_scale": (torch.float, lambda k, d: (d,))}
+# Version 5 adds the outlier probe (center, scale, weight rows; scale 0: not fitted) and its bias, and the calibration
+# grows from 9 fields to 11 (the probe score's mean and standard deviation; its score field may then be 2, "outliers").
+VERSION_5_TENSORS = {
+    "outlier_probe": (torch.float, lambda k, d: (3, d)),
+    "outlier_bias": (torch.float, lambda k, d: (1,)),
+    "calibration": (torch.float, lambda k, d: (11,)),
+}
 # The input transforms each version's `input_transform` may name.
-_FILE_TRANSFORMS = {"3": ("none", "center", "euclidean"), "4": ART_INPUT_TRANSFORMS}
+_FILE_TRANSFORMS = {"3": ("none", "center", "euclidean"), "4": ART_INPUT_TRANSFORMS, "5": ART_INPUT_TRANSFORMS}
 _DEFAULT_LIFT = 4.0
 # The novelty of every row a memory learned from, counted in NOVELTY_BINS equal bins over [0, NOVELTY_RANGE].
 NOVELTY_BINS, NOVELTY_RANGE = 2000, 2.0
@@ -187,7 +195,7 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
             "format version 1, whose checksum does not cover the hyperparameters, so they cannot be verified; "
             f"this code reads versions 2 to {ART_FORMAT_VERSION} only"
         )
-    if version not in ("2", "3", str(ART_FORMAT_VERSION)):
+    if version not in ("2", "3", "4", str(ART_FORMAT_VERSION)):
         raise problem(
             f"unsupported format version {version!r} (this code reads versions 2 to {ART_FORMAT_VERSION}); upgrade "
             "the code that reads it"
@@ -245,7 +253,9 @@ def load_art_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
 
 def _added_tensors(version: str) -> dict:
     """The tensors a file of `version` holds beyond version 2's, by name (see `VERSION_3_TENSORS`)."""
-    return {"2": {}, "3": VERSION_3_TENSORS}.get(version, VERSION_3_TENSORS | VERSION_4_TENSORS)
+    return {"2": {}, "3": VERSION_3_TENSORS, "4": VERSION_3_TENSORS | VERSION_4_TENSORS}.get(
+        version, VERSION_3_TENSORS | VERSION_4_TENSORS | VERSION_5_TENSORS
+    )
 
 
 def _check_added_tensors(tensors: dict, added: dict, k: int, dim: int, problem) -> None:
@@ -262,6 +272,16 @@ def _check_added_tensors(tensors: dict, added: dict, k: int, dim: int, problem) 
     dim_scale = tensors.get("input_dim_scale")
     if dim_scale is not None and not (torch.isfinite(dim_scale).all() and (dim_scale > 0).all()):
         raise problem("input_dim_scale must be finite and > 0 in every dimension")
+    probe, calibration = tensors.get("outlier_probe"), tensors["calibration"]
+    fitted = probe is not None and bool(probe[1].any())
+    if probe is not None and not (torch.isfinite(probe).all() and torch.isfinite(tensors["outlier_bias"]).all()):
+        raise problem("outlier_probe and outlier_bias must be finite")
+    unfitted_zeros = probe is not None and not probe.any() and not tensors["outlier_bias"].any()
+    if probe is not None and not ((probe[1] > 0).all() if fitted else unfitted_zeros):
+        raise problem("outlier_probe's scale row must be > 0 in every dimension (fitted) or the probe all zeros")
+    scores = (0, 1, 2) if fitted else (0, 1)  # the score field: novelty, combined, outliers (needs the probe)
+    if not torch.isfinite(calibration).all() or float(calibration[8]) not in scores:
+        raise problem(f"calibration must be finite with its score field (index 8) one of {list(scores)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from .art_rules import (
 # ART_MAX_BUFFER_BYTES: what `ARTMemory.from_pretrained` may allocate for a file's buffers unless the caller allows
 # more (1 GiB); a GPTBConfig's art_max_categories is held to the same bound.
 from .configuration_gptb import ART_EXEMPLAR_TOKENS, ART_MAX_BUFFER_BYTES, art_buffer_bytes, art_rule_dim
+from .outlier_exposure import fit_linear_probe
 
 # The values of `ARTMemory.engine`. "auto" is the block engine everywhere until the device engine is measured faster.
 ART_ENGINES = ("auto", "block", "device")
@@ -73,12 +74,20 @@ ART_INPUT_TRANSFORMS = ("none", "center", "euclidean", "standardize")
 # "standardize": a dimension whose standard deviation is below this share of the RMS standard deviation is divided by
 # that floor instead, so a constant dimension (or one nearly so) is not blown up into noise or a division by zero.
 DIM_SCALE_FLOOR = 1e-3
-# `calibration` holds: the false-positive rate, the novelty threshold, the combined-score threshold, the mean and
-# standard deviation of the calibration novelty and surprise (all 0 without surprise), the rows (0: not calibrated) and
-# the score in use (1: combined). Zeros, not NaN, mark what is absent, so that states compare equal.
+# The scores a verdict can use (docs/design.md#calibrated-verdict): the memory's novelty; "combined", its z-score plus
+# the surprise's; "outliers", w_n z(novelty) + w_s z(surprise) + w_o max(z(outlier probe), 0), with the weights of
+# OUTLIER_SCORE_WEIGHTS (chosen on validation sets by `gptb experiment novelty`'s probes; the probe counts only above
+# its in-domain mean, so text it finds more familiar than in-domain text is not made less novel).
+VERDICT_SCORES = ("novelty", "combined", "outliers")
+OUTLIER_SCORE_WEIGHTS = {"novelty": 1.0, "surprise": 0.5, "outliers": 2.0}
+# `calibration` holds: the false-positive rate, the novelty threshold, the combined score's threshold, the mean and
+# standard deviation of the calibration novelty and surprise (0 without surprise), the rows (0: not calibrated), the
+# score in use (its index in VERDICT_SCORES) and the mean and standard deviation of the outlier probe's score (0 but
+# for "outliers"). Zeros, not NaN, mark what is absent, so that states compare equal. Files before format 5 hold the
+# first nine.
 _CALIBRATION_FIELDS = ("fpr", "threshold", "combined_threshold", "novelty_mean", "novelty_std", "surprise_mean",
-                       "surprise_std", "rows", "combined")  # fmt: skip
-CALIBRATION_QUANTILES = 101  # novelty (and combined score) at 0, 1, ..., 100 percent of the calibration rows
+                       "surprise_std", "rows", "score", "outliers_mean", "outliers_std")  # fmt: skip
+CALIBRATION_QUANTILES = 101  # novelty (and the combined score) at 0, 1, ..., 100 percent of the calibration rows
 
 
 def _exact_arithmetic(method):
@@ -203,8 +212,8 @@ class ARTMemory(nn.Module):
     `load_state_dict` (how `Trainer` resumes): `weight` (max_categories, stored_dim) with the prototypes in its first
     `num_committed` rows, `category_counts` (max_categories,), `num_committed` (a 0-d long tensor) and
     `novelty_histogram`. `stored_dim` is `rule_dim` for `cosine` and `2 * rule_dim` for `fuzzy` (complement coding).
-    The fitted input transform, the calibration and the category descriptions are buffers outside the `state_dict`,
-    saved in the ART file (`save_pretrained`). The memory follows `.to(device)`, but keeps its
+    The fitted input transform, the outlier probe, the calibration and the category descriptions are buffers outside
+    the `state_dict`, saved in the ART file (`save_pretrained`). The memory follows `.to(device)`, but keeps its
     prototypes' dtype through `.to(dtype)`, `.half()`, `.bfloat16()` and the like, on it or on a parent model (as
     transformers keeps `_keep_in_fp32_modules` in float32): casting a model to bf16 does not round what the memory has
     learned. Choose the dtype when building the memory (or with `from_pretrained(..., dtype=...)`). Scores are
@@ -263,6 +272,9 @@ class ARTMemory(nn.Module):
             "input_dim_scale": torch.ones(self.dim, device=device, dtype=dtype),
             "calibration": torch.zeros(len(_CALIBRATION_FIELDS), device=device, dtype=exact),
             "calibration_quantiles": torch.zeros((2, CALIBRATION_QUANTILES), device=device, dtype=exact),
+            # the outlier probe (`fit_outlier_exposure`): center, scale (0: not fitted) and weight rows, and the bias
+            "outlier_probe": torch.zeros((3, self.dim), device=device, dtype=exact),
+            "outlier_bias": torch.zeros((), device=device, dtype=exact),
             "rows_seen": torch.zeros((), device=device, dtype=torch.long),
             "category_created": torch.full((capacity,), -1, device=device, dtype=torch.long),
             "category_exemplars": torch.full((capacity, ART_EXEMPLAR_TOKENS), -1, device=device, dtype=torch.long),
@@ -421,7 +433,8 @@ class ARTMemory(nn.Module):
 
     @_serialised
     def reset(self) -> None:
-        """Forget every category and the calibration (made against them); a fitted input transform stays."""
+        """Forget every category and the calibration (made against them); a fitted input transform and outlier probe
+        stay."""
         self.weight.zero_()
         self.category_counts.zero_()
         self.num_committed.zero_()
@@ -844,6 +857,57 @@ class ARTMemory(nn.Module):
         dist.all_gather(parts, padded)
         return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)]).to(values.device)
 
+    @_exact_arithmetic
+    def fit_outlier_exposure(self, inliers: torch.Tensor, outliers: torch.Tensor, l2: float = 1e-2) -> "ARTMemory":
+        """
+        Fit the outlier probe (outlier exposure, docs/design.md#outlier-exposure): a logistic regression telling
+        in-domain rows `inliers` (N, dim; the rows the memory was fitted on) from rows of text that is not `outliers`
+        (M, dim; other languages, random characters: never the kind of text you mean to detect, or the verdict's
+        false-alarm rate on it says nothing), regularised by `l2` |w|^2. `outlier_score` then scores rows, and
+        `calibrate(..., score="outliers")` adds it to the verdict. A calibration that used an earlier probe is
+        forgotten. Under `torch.distributed` every rank passes its rows and the probe is fitted on all of them, the
+        same on every rank.
+        """
+        if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not (0 < l2 < math.inf):
+            raise ValueError(f"l2 must be a positive finite number, got {l2!r}")
+        error, parts = None, []
+        try:
+            for rows in (inliers, outliers):
+                parts.append(self._check_x(rows, transform=False).double())
+        except Exception as exc:  # report after the collectives, or the other ranks would wait forever
+            error, parts = exc, [torch.zeros(0, self.dim, dtype=torch.float64, device=self.weight.device)] * 2
+        if self._all_reduced(parts[0].new_tensor([error is not None]))[0]:
+            raise error or ValueError("ARTMemory.fit_outlier_exposure: invalid input on another rank; nothing fitted")
+        inliers, outliers = (self._all_gathered(rows.flatten()).view(-1, self.dim) for rows in parts)
+        if len(inliers) < 2 or len(outliers) < 1:
+            raise ValueError(
+                f"fit_outlier_exposure needs at least 2 inlier rows and 1 outlier row, got {len(inliers)} and "
+                f"{len(outliers)}"
+            )
+        center, scale, weight, bias = fit_linear_probe(inliers, outliers, l2=float(l2))
+        if self.calibration_report() is not None and self.calibration_report()["score"] == "outliers":
+            self.calibration.zero_()
+            self.calibration_quantiles.zero_()
+        self.outlier_probe.copy_(torch.stack([center, scale, weight]))
+        self.outlier_bias.fill_(float(bias))
+        return self
+
+    @property
+    def outliers_fitted(self) -> bool:
+        """Whether `fit_outlier_exposure` has fitted the outlier probe (a host sync)."""
+        return bool(self.outlier_probe[1].any())
+
+    @torch.no_grad()
+    @_exact_arithmetic
+    def outlier_score(self, x: torch.Tensor) -> torch.Tensor:
+        """The outlier probe's score of each row of `x` (N, dim), float64: ((x - center) / scale) . weight + bias,
+        higher for rows more like the outliers it was fitted on."""
+        if not self.outliers_fitted:
+            raise ValueError("no outlier probe: call fit_outlier_exposure(in_domain_rows, outlier_rows) first")
+        center, scale, weight = self.outlier_probe.double()
+        x = self._check_x(x, transform=False).double()
+        return ((x - center) / scale) @ weight + self.outlier_bias.double()
+
     @torch.no_grad()
     @_exact_arithmetic
     def calibrate(
@@ -854,19 +918,26 @@ class ARTMemory(nn.Module):
         novel: "novel" then means "less familiar than a share 1 - fpr of in-domain inputs"
         (docs/design.md#calibrated-verdict). Nothing is learned.
 
-        `surprise` (N,), *optional*: another per-row novelty signal (a model passes its mean per-token loss). With
-        it, the **combined score** `(novelty - m_n) / s_n + (surprise - m_s) / s_s` (means and standard deviations
-        over these rows) is calibrated too. `score` picks what `verdict` uses: `"novelty"` or `"combined"` (default:
-        `"combined"` when `surprise` is given). Under `torch.distributed` every rank passes its rows and the
+        `surprise` (N,), *optional*: another per-row novelty signal (a model passes its mean per-token loss). `score`
+        picks what `verdict` uses, one of `VERDICT_SCORES`:
+        - `"novelty"`: the memory's novelty;
+        - `"combined"`: `(novelty - m_n) / s_n + (surprise - m_s) / s_s`, the means and standard deviations over these
+          rows (needs `surprise`);
+        - `"outliers"`: `1.0 z_n + 0.5 z_s + 2.0 max(z_o, 0)` (`OUTLIER_SCORE_WEIGHTS`), z_o the z-score of
+          `outlier_score(x)` (needs `surprise` and `fit_outlier_exposure`).
+        Default: the last of these the arguments allow. Under `torch.distributed` every rank passes its rows and the
         threshold is that of all of them. Returns the calibration (`calibration_report`); saved with the memory.
         """
         if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
             raise ValueError(f"fpr must be a number in (0, 1), got {fpr!r}")
-        score = score or ("novelty" if surprise is None else "combined")
-        if score not in ("novelty", "combined"):
-            raise ValueError(f"score must be 'novelty' or 'combined', got {score!r}")
-        if score == "combined" and surprise is None:
-            raise ValueError("score='combined' needs surprise (one value per row)")
+        if score is None:
+            score = "novelty" if surprise is None else "outliers" if self.outliers_fitted else "combined"
+        if score not in VERDICT_SCORES:
+            raise ValueError(f"score must be one of {list(VERDICT_SCORES)}, got {score!r}")
+        if score != "novelty" and surprise is None:
+            raise ValueError(f"score={score!r} needs surprise (one value per row)")
+        if score == "outliers" and not self.outliers_fitted:
+            raise ValueError("score='outliers' needs the outlier probe: call fit_outlier_exposure first")
         novelty = self.classify(x).novelty.double()
         if surprise is not None:
             surprise = torch.as_tensor(surprise, dtype=torch.float64, device=novelty.device)
@@ -876,22 +947,26 @@ class ARTMemory(nn.Module):
                     f"{tuple(surprise.shape)}"
                 )
             surprise = self._all_gathered(surprise)
+        outliers = self._all_gathered(self.outlier_score(x)) if score == "outliers" else None
         novelty = self._all_gathered(novelty)
         if novelty.numel() < 2:
             raise ValueError(f"calibrate needs at least 2 held-out rows, got {novelty.numel()}")
         if self.num_categories == 0:
             raise ValueError("calibrate needs a memory that has learned: every row is novel to an empty memory")
         levels = torch.linspace(0, 1, CALIBRATION_QUANTILES, dtype=torch.float64, device=novelty.device)
-        nan = 0.0  # absent: see _CALIBRATION_FIELDS
-        n_mean, n_std = novelty.mean(), novelty.std().clamp_min(1e-12)
-        values = {"fpr": fpr, "threshold": _upper_quantile(novelty, 1 - fpr), "combined_threshold": nan}
-        values |= {"novelty_mean": n_mean, "novelty_std": n_std, "surprise_mean": nan, "surprise_std": nan}
-        values |= {"rows": novelty.numel(), "combined": float(score == "combined")}
-        combined_quantiles = torch.full_like(levels, nan)
+        values = dict.fromkeys(_CALIBRATION_FIELDS, 0.0)  # absent: see _CALIBRATION_FIELDS
+        values |= {"fpr": fpr, "threshold": _upper_quantile(novelty, 1 - fpr), "rows": novelty.numel()}
+        values |= {"novelty_mean": novelty.mean(), "novelty_std": novelty.std().clamp_min(1e-12)}
+        values["score"] = VERDICT_SCORES.index(score)
         if surprise is not None:
-            s_mean, s_std = surprise.mean(), surprise.std().clamp_min(1e-12)
-            combined = (novelty - n_mean) / n_std + (surprise - s_mean) / s_std
-            values |= {"surprise_mean": s_mean, "surprise_std": s_std}
+            values |= {"surprise_mean": surprise.mean(), "surprise_std": surprise.std().clamp_min(1e-12)}
+        if outliers is not None:
+            values |= {"outliers_mean": outliers.mean(), "outliers_std": outliers.std().clamp_min(1e-12)}
+        combined_quantiles = torch.zeros_like(levels)
+        if surprise is not None:  # with score="novelty" too: the report keeps the combined score's threshold
+            combined = _combined_score(
+                "combined" if score == "novelty" else score, values, novelty, surprise, outliers
+            )
             values["combined_threshold"] = _upper_quantile(combined, 1 - fpr)
             combined_quantiles = torch.quantile(combined, levels)
         self.calibration.copy_(
@@ -906,34 +981,39 @@ class ARTMemory(nn.Module):
             return None
         values = dict(zip(_CALIBRATION_FIELDS, self.calibration.tolist(), strict=True))
         values["rows"] = int(values["rows"])
-        values["score"] = "combined" if values.pop("combined") else "novelty"
+        values["score"] = VERDICT_SCORES[int(values["score"])]
         if not values["surprise_std"]:  # calibrated without surprise
             for name in ("combined_threshold", "surprise_mean", "surprise_std"):
                 values[name] = None
+        if not values["outliers_std"]:  # calibrated without the outlier probe
+            values["outliers_mean"] = values["outliers_std"] = None
         return values
 
     @torch.no_grad()
-    def verdict(self, novelty: torch.Tensor, surprise: torch.Tensor | None = None) -> dict:
+    def verdict(
+        self, novelty: torch.Tensor, surprise: torch.Tensor | None = None, outliers: torch.Tensor | None = None
+    ) -> dict:
         """
-        The calibrated verdict on rows whose `novelty` (from `classify` or `novelty`) and, for the combined score,
-        `surprise` are given: `score` (the calibrated score), `percentile` (the share of the calibration rows with a
-        lower score, in [0, 100]) and `novel` (score above the threshold), as tensors. Raises `ValueError` before
-        `calibrate`.
+        The calibrated verdict on rows whose `novelty` (from `classify` or `novelty`) and, as the calibrated score
+        needs, `surprise` and `outliers` (from `outlier_score`) are given: `score` (the calibrated score),
+        `percentile` (the share of the calibration rows with a lower score, in [0, 100]) and `novel` (score above the
+        threshold), as tensors. Raises `ValueError` before `calibrate`.
         """
         report = self.calibration_report()
         if report is None:
             raise ValueError("the memory is not calibrated: call calibrate(held_out_in_domain_rows) first")
         novelty = torch.as_tensor(novelty, dtype=torch.float64).cpu()
         quantiles = self.calibration_quantiles.double().cpu()
-        if report["score"] == "combined":
-            if surprise is None:
-                raise ValueError("this memory's verdict uses the combined score: pass surprise too")
-            surprise = torch.as_tensor(surprise, dtype=torch.float64).cpu()
-            score = (novelty - report["novelty_mean"]) / report["novelty_std"]
-            score = score + (surprise - report["surprise_mean"]) / report["surprise_std"]
-            threshold, quantiles = report["combined_threshold"], quantiles[1]
-        else:
+        if report["score"] == "novelty":
             score, threshold, quantiles = novelty, report["threshold"], quantiles[0]
+        else:
+            if surprise is None or (report["score"] == "outliers" and outliers is None):
+                needs = "surprise" if report["score"] == "combined" else "surprise and outliers (outlier_score(rows))"
+                raise ValueError(f"this memory's verdict uses the {report['score']!r} score: pass {needs} too")
+            surprise = torch.as_tensor(surprise, dtype=torch.float64).cpu()
+            outliers = None if outliers is None else torch.as_tensor(outliers, dtype=torch.float64).cpu()
+            score = _combined_score(report["score"], report, novelty, surprise, outliers)
+            threshold, quantiles = report["combined_threshold"], quantiles[1]
         return {"score": score, "percentile": _percentile_of(score, quantiles), "novel": score > threshold}
 
     def describe_category(self, category: int) -> dict:
@@ -986,6 +1066,8 @@ class ARTMemory(nn.Module):
             "input_dim_scale": self.input_dim_scale.detach().cpu().contiguous(),
             "calibration": self.calibration.detach().cpu().contiguous(),
             "calibration_quantiles": self.calibration_quantiles.detach().cpu().contiguous(),
+            "outlier_probe": self.outlier_probe.detach().cpu().contiguous(),
+            "outlier_bias": self.outlier_bias.detach().cpu().reshape(1),
             "rows_seen": self.rows_seen.detach().cpu().reshape(1),
             "category_created": self.category_created[:k].detach().cpu().contiguous(),
             "category_exemplars": self.category_exemplars[:k].detach().cpu().contiguous(),
@@ -1134,8 +1216,8 @@ class ARTMemory(nn.Module):
         return self
 
     def _set_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Take a file's state; a version 2 file has no transform, calibration or category descriptions, and a
-        version 3 file no per-dimension scale (ones: it predates "standardize")."""
+        """Take a file's state; a version 2 file has no transform, calibration or category descriptions, a version 3
+        file no per-dimension scale (ones: it predates "standardize"), and a version 3 or 4 file no outlier probe."""
         k = tensors["prototypes"].shape[0]
         self.reset()
         self.weight[:k] = tensors["prototypes"]
@@ -1145,16 +1227,35 @@ class ARTMemory(nn.Module):
         self.input_center.zero_()
         self.input_scale.zero_()
         self.input_dim_scale.copy_(tensors.get("input_dim_scale", torch.ones(self.dim)))
+        self.outlier_probe.copy_(tensors.get("outlier_probe", torch.zeros(3, self.dim)))
+        self.outlier_bias.copy_(tensors.get("outlier_bias", torch.zeros(1))[0])
         if "input_center" in tensors:
             self.input_center.copy_(tensors["input_center"])
             self.input_scale.copy_(tensors["input_scale"][0])
-            self.calibration.copy_(tensors["calibration"])
+            calibration = tensors["calibration"]  # before format 5: without the outlier probe's two fields
+            self.calibration.copy_(
+                torch.cat([calibration, calibration.new_zeros(len(_CALIBRATION_FIELDS) - len(calibration))])
+            )
             self.calibration_quantiles.copy_(tensors["calibration_quantiles"])
             self.rows_seen.copy_(tensors["rows_seen"][0])
             self.category_created[:k] = tensors["category_created"]
             self.category_exemplars[:k] = tensors["category_exemplars"]
         else:
             self.rows_seen.fill_(int(tensors["counts"].sum()))
+
+
+def _combined_score(score: str, stats: dict, novelty, surprise, outliers) -> torch.Tensor:
+    """The `"combined"` or `"outliers"` score of rows, from the calibration's means and standard deviations."""
+    z = {name: (values - stats[f"{name}_mean"]) / stats[f"{name}_std"] for name, values in
+         (("novelty", novelty), ("surprise", surprise), ("outliers", outliers)) if values is not None}  # fmt: skip
+    if score == "combined":
+        return z["novelty"] + z["surprise"]
+    weights = OUTLIER_SCORE_WEIGHTS
+    return (
+        weights["novelty"] * z["novelty"]
+        + weights["surprise"] * z["surprise"]
+        + weights["outliers"] * z["outliers"].clamp(min=0)
+    )
 
 
 def _upper_quantile(values: torch.Tensor, q: float) -> float:

@@ -63,6 +63,8 @@ def fit_art_memory(
     pool_layers: str | None = None,
     max_categories: int | None = None,
     beta: float | None = None,
+    outlier_ids=None,
+    outlier_attention_mask=None,
 ) -> dict:
     """
     Rebuild the model's ART memory from the trained model's own states: fit the input transform on the pooled
@@ -73,8 +75,13 @@ def fit_art_memory(
     config's `art_*` field of the same name (`art_input_transform`, ...; the config is updated, so the model saves and
     loads with them): train with the default input, then fit the memory a detector needs (the novelty experiment's
     best: `pooling="mean_std_max", pool_layers="all", input_transform="standardize", vigilance=0.98, beta=0.1`, with
-    room for about half the fitted sequences as categories). A bad value is refused before the model changes. Under
-    `torch.distributed` each rank passes its share. Returns `{"categories": ..., "sequences": ...}`.
+    room for about half the fitted sequences as categories). A bad value is refused before the model changes.
+
+    `outlier_ids`, *optional*: sequences of text that is not the model's domain and not what you mean to detect
+    (other languages, random characters): the outlier probe is fitted against them (`ARTMemory.fit_outlier_exposure`;
+    docs/design.md#outlier-exposure), and `calibrate_art_memory` then calibrates the `"outliers"` score, the novelty
+    experiment's best. Under `torch.distributed` each rank passes its share. Returns `{"categories": ...,
+    "sequences": ..., "outlier_sequences": ...}`.
     """
     given = {
         "art_input_transform": input_transform,
@@ -97,7 +104,12 @@ def fit_art_memory(
     pooled = sequence_scores(model, input_ids, attention_mask, batch_size)["pooled"]
     memory.fit_input_transform(pooled)
     memory.update(pooled, exemplars=first_valid_tokens(input_ids, attention_mask))
-    return {"categories": memory.num_categories, "sequences": int(memory.rows_seen)}
+    fitted = {"categories": memory.num_categories, "sequences": int(memory.rows_seen), "outlier_sequences": 0}
+    if outlier_ids is not None:
+        outliers = sequence_scores(model, outlier_ids, outlier_attention_mask, batch_size)["pooled"]
+        memory.fit_outlier_exposure(pooled, outliers)
+        fitted["outlier_sequences"] = len(outliers)
+    return fitted
 
 
 def calibrate_art_memory(
@@ -105,14 +117,14 @@ def calibrate_art_memory(
 ) -> dict:
     """
     Calibrate the verdict on held-out in-domain sequences: afterwards a share `fpr` of such text is called novel
-    (`ARTMemory.calibrate`). `score`: `"combined"` (default; the memory's novelty plus the model's surprise, the
-    better detector in `gptb experiment novelty`) or `"novelty"` (the memory alone). Returns the calibration.
+    (`ARTMemory.calibrate`). `score`: `"outliers"` (the default where `fit_art_memory` fitted the outlier probe: the
+    memory's novelty, the model's surprise and the probe, the best detector in `gptb experiment novelty`),
+    `"combined"` (the default otherwise: the memory's novelty plus the model's surprise) or `"novelty"` (the memory
+    alone). Returns the calibration.
     """
     scores = sequence_scores(model, input_ids, attention_mask, batch_size)
     keep = torch.isfinite(scores["surprise"])
-    return _memory(model).calibrate(
-        scores["pooled"][keep], fpr=fpr, surprise=scores["surprise"][keep], score=score or "combined"
-    )
+    return _memory(model).calibrate(scores["pooled"][keep], fpr=fpr, surprise=scores["surprise"][keep], score=score)
 
 
 def _describe(memory, tokenizer, category: int) -> dict:
@@ -173,7 +185,8 @@ def art_report(model, tokenizer, texts=(), top=5) -> dict:
             "nearest": None if nearest < 0 else _describe(memory, tokenizer, nearest),
         }
         if calibration is not None and (calibration["score"] == "novelty" or math.isfinite(item["surprise"])):
-            verdict = memory.verdict(novelty, surprise)
+            outliers = memory.outlier_score(scores["pooled"]) if calibration["score"] == "outliers" else None
+            verdict = memory.verdict(novelty, surprise, outliers)
             item |= {"score": float(verdict["score"][0]), "percentile": float(verdict["percentile"][0])}
             item["novel"] = bool(verdict["novel"][0])
             item["verdict"] = _verdict_words(item["novel"], item["percentile"], calibration["fpr"])

@@ -84,6 +84,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_art_report(args) -> int:
+    import torch
+
     from .art_report import art_report, calibrate_art_memory, fit_art_memory, format_art_report
 
     texts = list(args.text or [])
@@ -96,6 +98,7 @@ def cmd_art_report(args) -> int:
         raise CLIError(f"the model in {args.folder} has no ART memory (config.art_enabled is false)")
     if args.fit_on:
         blocks = _art_blocks(args.fit_on, "train", tokenizer, args.blocks)
+        outliers = [_art_blocks(source, "train", tokenizer, args.blocks) for source in args.outliers or []]
         try:
             fitted = fit_art_memory(
                 model,
@@ -106,14 +109,19 @@ def cmd_art_report(args) -> int:
                 pool_layers=args.pool_layers,
                 max_categories=args.max_categories,
                 beta=args.beta,
+                outlier_ids=torch.cat(outliers) if outliers else None,
             )
         except ValueError as error:
             raise CLIError(f"could not fit the memory: {error}") from error
         print(f"fitted the memory on {fitted['sequences']} blocks of {args.fit_on}: {fitted['categories']} categories")
+        if outliers:
+            print(
+                f"fitted the outlier probe against {fitted['outlier_sequences']} blocks of {', '.join(args.outliers)}"
+            )
     elif any(value is not None for value in fitting_options(args)):
         raise CLIError(
-            "--input-transform, --pooling, --pool-layers, --vigilance, --beta and --max-categories apply when "
-            "fitting: pass --fit-on too"
+            "--input-transform, --pooling, --pool-layers, --vigilance, --beta, --max-categories and --outliers apply "
+            "when fitting: pass --fit-on too"
         )
     if args.calibrate_on:
         blocks = _art_blocks(args.calibrate_on, "validation", tokenizer, args.blocks)
@@ -132,7 +140,15 @@ def cmd_art_report(args) -> int:
 
 def fitting_options(args) -> tuple:
     """The art-report options that shape a fitted memory (None where not given)."""
-    return args.input_transform, args.pooling, args.pool_layers, args.vigilance, args.beta, args.max_categories
+    return (
+        args.input_transform,
+        args.pooling,
+        args.pool_layers,
+        args.vigilance,
+        args.beta,
+        args.max_categories,
+        args.outliers,
+    )
 
 
 def save_model_in_place(model, folder: Path) -> None:

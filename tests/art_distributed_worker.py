@@ -3,7 +3,7 @@
 Each rank feeds its own rows (a different number per rank) to the same memories for a few rounds, then tries an input
 that is invalid on rank 1 only, saves with the default `is_main_process`, and writes its final state and outputs to
 `<out>/<rule>-rank<r>.safetensors` for the test to compare. Then a memory of each fitted transform (`euclidean`,
-`standardize`) is fitted, fed with exemplars and calibrated on each rank's own rows
+`standardize`, with the outlier probe) is fitted, fed with exemplars and calibrated on each rank's own rows
 (`<out>/<transform>-rank<r>.safetensors`).
 """
 
@@ -42,7 +42,9 @@ def fitted_and_calibrated(rows_of, surprise_of, exemplars_of, transform: str) ->
     memory = ARTMemory(DIM, vigilance=0.99, max_categories=CAPACITY, input_transform=transform, dtype=torch.float64)
     memory.fit_input_transform(rows_of(0))
     memory.update(rows_of(1), exemplars=exemplars_of(1))
-    memory.calibrate(rows_of(2), fpr=0.2, surprise=surprise_of(2))
+    if transform == "standardize":  # and the outlier probe, against shifted rows (rank 1 has none in round 1)
+        memory.fit_outlier_exposure(rows_of(0), rows_of(1) + 2.0)
+    memory.calibrate(rows_of(2), fpr=0.2, surprise=surprise_of(2))  # "outliers" where the probe is fitted
     return memory
 
 

@@ -94,6 +94,7 @@ def check_transformed(tmp_path, transform):
         else:
             assert torch.equal(ranks[0][name], tensor), (transform, name)
     assert single.num_categories > 2 and single.calibration_report()["rows"] > 20
+    assert single.calibration_report()["score"] == ("outliers" if transform == "standardize" else "combined")
     if transform == "standardize":  # the per-dimension spread was fitted, the constant column floored
         fitted = torch.cat([parts[rank][0][0] for rank in range(WORLD)])
         deviation = fitted.std(0, correction=0)

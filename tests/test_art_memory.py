@@ -655,6 +655,16 @@ def rewrite(path, tensors=None, **metadata_changes):
         f.write(safetensors_save(tensors, metadata))
 
 
+def older_tensors(tensors: dict, version: str) -> dict:
+    """A current file's tensors as a file of format `version` (3 or 4) held them: no outlier probe, nine calibration
+    fields, and before 4 no per-dimension scale."""
+    older = {name: t for name, t in tensors.items() if name not in ("outlier_probe", "outlier_bias")}
+    older["calibration"] = tensors["calibration"][:9].clone()
+    if version == "3":
+        del older["input_dim_scale"]
+    return older
+
+
 def damage_cases():
     def truncate(path):
         data = open(path, "rb").read()
@@ -693,7 +703,7 @@ def damage_cases():
         "bit flip": (flip_a_bit, "checksum mismatch"),
         "not safetensors": (not_safetensors, "not a safetensors file"),
         "too short": (tiny, r"not a safetensors file \(only 3 bytes\)"),
-        "version": (lambda p: rewrite(p, format_version="5"), "unsupported format version '5'"),
+        "version": (lambda p: rewrite(p, format_version="6"), "unsupported format version '6'"),
         "format": (lambda p: rewrite(p, format="something-else"), "not an ARTMemory file"),
         "missing key": (lambda p: rewrite(p, vigilance=None), r"metadata lacks \['vigilance'\]"),
         "bad value": (lambda p: rewrite(p, beta="1.5"), r"bad metadata beta='1.5'"),

@@ -255,7 +255,7 @@ def test_fit_calibrate_and_report_on_a_model():
     with pytest.raises(ValueError, match="is not fitted"):
         model.train()(training[:2])
     fitted = fit_art_memory(model.eval(), training)
-    assert fitted == {"categories": model.art_memory.num_categories, "sequences": 40}
+    assert fitted == {"categories": model.art_memory.num_categories, "sequences": 40, "outlier_sequences": 0}
     calibration = calibrate_art_memory(model, held_out, fpr=0.1)
     assert calibration["score"] == "combined" and calibration["rows"] == 40
     report = art_report(model, tiny_tokenizer(), ["w1 w2 w3 w4 w5", "w58 w57 w58 w57 w58 w57"])

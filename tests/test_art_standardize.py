@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save as safetensors_save
-from test_art_memory import rewrite
+from test_art_memory import older_tensors, rewrite
 
 from modeling_gptb import art_memory, configuration_gptb
 from modeling_gptb.art_file import ART_FORMAT_VERSION, load_art_file
@@ -175,7 +175,7 @@ def assert_same_state(memory, loaded):
 def test_the_dim_scale_travels_in_the_file_bit_exactly(tmp_path):
     memory, path = saved(tmp_path)
     config, tensors = load_art_file(path)
-    assert ART_FORMAT_VERSION == 4 and config["input_transform"] == "standardize"
+    assert ART_FORMAT_VERSION >= 4 and config["input_transform"] == "standardize"
     assert torch.equal(tensors["input_dim_scale"], memory.input_dim_scale)
     assert_same_state(memory, ARTMemory.from_pretrained(tmp_path))
     into = ARTMemory(5, vigilance=0.9, input_transform="standardize", lift=LIFT, dtype=torch.float64)
@@ -192,7 +192,7 @@ def test_a_version_3_file_loads_with_a_dim_scale_of_ones(tmp_path):
     """A file written before format 4 (no input_dim_scale) loads as it did: the same rows seen, the same novelty."""
     memory, path = saved(tmp_path, transform="euclidean")
     _, tensors = load_art_file(path)
-    del tensors["input_dim_scale"]
+    tensors = older_tensors(tensors, "3")
     rewrite(path, tensors, format_version="3")
     loaded = ARTMemory.from_pretrained(path)
     assert torch.equal(loaded.input_dim_scale, torch.ones(5, dtype=torch.float64))
@@ -280,7 +280,8 @@ def test_fit_art_memory_with_standardize_and_the_model_round_trip(tmp_path):
     fitted_ = fit_art_memory(model, training, input_transform="standardize", vigilance=0.95)
     memory = model.art_memory
     assert model.config.art_input_transform == "standardize" and memory.input_transform == "standardize"
-    assert fitted_ == {"categories": memory.num_categories, "sequences": 40} and memory.rule_dim == 33
+    assert fitted_ == {"categories": memory.num_categories, "sequences": 40, "outlier_sequences": 0}
+    assert memory.rule_dim == 33
     pooled = sequence_scores(model, training)["pooled"].double().numpy()
     c, sigma, s = reference_fit(pooled)
     np.testing.assert_allclose(memory.input_dim_scale.double().numpy(), sigma, rtol=1e-6)  # float32 buffers

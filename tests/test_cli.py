@@ -314,13 +314,19 @@ def test_every_option_has_help_text(command):
     assert not silent, f"{command} options without help text: {silent}"
 
 
-def test_art_report_fits_calibrates_and_saves_the_memory(tmp_path, capsys):
-    folder = save_model_folder(tmp_path / "model")
+def write_word_texts(tmp_path):
+    """train.txt and held_out.txt: 3,000 words each drawn from one sentence's; returns the generator, for more."""
     words = "the memory holds what the model has seen and says when a text is new to it".split()
     rng = torch.Generator().manual_seed(0)
     for name in ("train.txt", "held_out.txt"):
         picks = torch.randint(0, len(words), (3000,), generator=rng).tolist()
         (tmp_path / name).write_text(" ".join(words[i] for i in picks), encoding="utf-8")
+    return rng
+
+
+def test_art_report_fits_calibrates_and_saves_the_memory(tmp_path, capsys):
+    folder = save_model_folder(tmp_path / "model")
+    write_word_texts(tmp_path)
     args = ["art-report", str(folder), "--fit-on", str(tmp_path / "train.txt"), "--input-transform", "euclidean"]
     args += ["--vigilance", "0.9", "--calibrate-on", str(tmp_path / "held_out.txt"), "--blocks", "40", "--save"]
     (folder / "README.md").write_text("my own card")
@@ -336,6 +342,23 @@ def test_art_report_fits_calibrates_and_saves_the_memory(tmp_path, capsys):
     assert "apply when fitting: pass --fit-on too" in one_line_error(capsys, "art-report")
     assert cli.main(["art-report", str(folder), "--fit-on", "no-such-corpus"]) == 2
     assert "neither a built-in corpus" in one_line_error(capsys, "art-report")
+
+
+def test_art_report_fits_the_outlier_probe_and_calibrates_the_outliers_score(tmp_path, capsys):
+    folder = save_model_folder(tmp_path / "model")
+    rng = write_word_texts(tmp_path)
+    noise = torch.randint(33, 127, (20000,), generator=rng).tolist()
+    (tmp_path / "noise.txt").write_text("".join(map(chr, noise)), encoding="utf-8")
+    args = ["art-report", str(folder), "--fit-on", str(tmp_path / "train.txt"), "--input-transform", "euclidean"]
+    args += ["--outliers", str(tmp_path / "noise.txt"), "--calibrate-on", str(tmp_path / "held_out.txt")]
+    assert cli.main([*args, "--blocks", "30", "--save", "--text", "the model says"]) == 0
+    out = capsys.readouterr().out
+    assert f"fitted the outlier probe against 30 blocks of {tmp_path / 'noise.txt'}" in out
+    assert "score outliers" in out
+    memory = GPTBLMHeadModel.from_pretrained(folder).art_memory
+    assert memory.outliers_fitted and memory.calibration_report()["score"] == "outliers"
+    assert cli.main(["art-report", str(folder), "--outliers", str(tmp_path / "noise.txt")]) == 2
+    assert "--outliers apply when fitting: pass --fit-on too" in one_line_error(capsys, "art-report")
 
 
 def test_art_report_fits_the_detector_input_and_saves_it(tmp_path, capsys):

@@ -348,30 +348,7 @@ def test_adding_a_model_keeps_the_other_models_records(tmp_path, monkeypatch):
     assert (tmp_path / "positions.png").read_bytes()[:4] == b"\x89PNG"
 
 
-# Issue 19: the outlier-exposure probe of the novelty experiment.
-def test_linear_outlier_score_is_the_regularised_logistic_regression():
-    from modeling_gptb.experiments.novelty import fit_linear_outlier_score
-
-    rng = np.random.default_rng(0)
-    inliers = rng.normal(0.0, 1.0, (60, 5))
-    outliers = rng.normal(0.0, 1.0, (40, 5)) + np.array([1.5, 0.0, -1.0, 0.0, 0.5])
-    l2 = 0.05
-    score = fit_linear_outlier_score(torch.from_numpy(inliers), torch.from_numpy(outliers), l2=l2)
-    # the optimum from the definition (numpy float64): the gradient of mean BCE + l2 |w|^2 vanishes at the fit
-    x = np.concatenate([inliers, outliers])
-    y = np.concatenate([np.zeros(60), np.ones(40)])
-    z = (x - x.mean(0)) / x.std(0, ddof=1)
-    logits = score(torch.from_numpy(x)).numpy()
-    design = np.c_[z, np.ones(len(z))]
-    coefficients = np.linalg.lstsq(design, logits, rcond=None)[0]
-    assert np.allclose(design @ coefficients, logits, atol=1e-9)  # the score is linear in the standardised rows
-    w = coefficients[:5]
-    residual = 1 / (1 + np.exp(-logits)) - y
-    grad_w = z.T @ residual / len(y) + 2 * l2 * w
-    assert np.abs(grad_w).max() < 1e-5 and abs(residual.mean()) < 1e-5  # L-BFGS stops near, not at, zero
-    assert common.auroc(torch.from_numpy(logits[:60]), torch.from_numpy(logits[60:])) > 0.9
-
-
+# Issue 19: the outlier-exposure probe of the novelty experiment (the probe and its score: test_outlier_exposure.py).
 def test_outlier_exposure_never_fits_on_a_test_set():
     from modeling_gptb.experiments import novelty
 
@@ -380,26 +357,6 @@ def test_outlier_exposure_never_fits_on_a_test_set():
     texts = novelty.outlier_texts(novelty.PRESETS["mini"])
     test_chars = novelty.novel_texts("random-chars", 50)[0]  # the random-character test set's start
     assert "de" not in texts and texts["random-chars"][0][:50] != test_chars
-
-
-def test_weighted_z_sum_uses_the_calibration_rows_statistics():
-    from modeling_gptb.experiments.novelty import METHODS, ONE_SIDED_SIGNALS, SIGNAL_WEIGHTS, weighted_z_sum
-
-    rng = np.random.default_rng(1)
-    calibration = {name: rng.normal(i, i + 1.0, 50) for i, name in enumerate(SIGNAL_WEIGHTS)}
-    scored = {name: rng.normal(0.0, 3.0, 7) for name in SIGNAL_WEIGHTS}
-    score = weighted_z_sum({n: torch.from_numpy(v) for n, v in calibration.items()}, SIGNAL_WEIGHTS, ONE_SIDED_SIGNALS)
-    got = score({n: torch.from_numpy(v) for n, v in scored.items()}).numpy()
-    # from the definition: each signal standardised by the calibration rows' mean and (n-1) s.d., the one-sided ones
-    # floored at 0, then weighted
-    want = 0.0
-    for name, weight in SIGNAL_WEIGHTS.items():
-        z = (scored[name] - calibration[name].mean()) / calibration[name].std(ddof=1)
-        want = want + weight * (np.maximum(z, 0.0) if name in ONE_SIDED_SIGNALS else z)
-    np.testing.assert_allclose(got, want, rtol=1e-12)
-    assert ONE_SIDED_SIGNALS == ("outlier_exposure",)  # the floor is exercised: some scored z are negative
-    assert ((scored["outlier_exposure"] - calibration["outlier_exposure"].mean()) < 0).any()
-    assert "art+loss+outlier_exposure" in METHODS
 
 
 def test_held_out_blocks_spread_over_documents():

@@ -15,11 +15,12 @@ generated from the seed). Scores, each higher = more novel:
   (for `euclidean` close to the nearest Euclidean distance); `nn_l2`: the nearest Euclidean distance, raw;
 - `loss` (baseline): the model's own mean per-token loss on the block;
 - `combined`: the calibrated combined score of `art[all+standardize]` and the loss (docs/design.md#calibrated-verdict);
-- `outlier_exposure` (Hendrycks et al. 2019, here a linear probe): a logistic regression on the detector's rows,
-  training blocks (0) against blocks of languages and characters no test set uses (1: `outlier_languages` man pages,
-  random characters of another seed); `art+outlier_exposure`: its z-score plus the memory's (means and standard
-  deviations from the calibration blocks); `art+loss+outlier_exposure`: the z-scores of the memory, the loss and the
-  probe (counted only above the in-domain mean) summed with `SIGNAL_WEIGHTS`. The random-character test set is then
+- `outlier_exposure` (Hendrycks et al. 2019, here a linear probe): `ARTMemory.fit_outlier_exposure`, a logistic
+  regression on the detector's rows, training blocks (0) against blocks of languages and characters no test set uses
+  (1: `outlier_languages` man pages, random characters of another seed); `art+outlier_exposure`: its z-score plus the
+  memory's (means and standard deviations from the calibration blocks); `art+loss+outlier_exposure`: the library's
+  calibrated `"outliers"` score, the z-scores of the memory, the loss and the probe (counted only above the in-domain
+  mean) weighted by `OUTLIER_SCORE_WEIGHTS` (docs/design.md#outlier-exposure). The random-character test set is then
   no longer unseen in kind.
 
 Held-out A is split in two: `calibration_blocks` blocks calibrate the verdict (5% false positives) and choose nothing
@@ -86,12 +87,6 @@ BETA = {"all+standardize": 0.1}
 # Nine languages at 100 blocks each beat French + Spanish at 200 on the validation system docs (0.95 vs 0.89 alone;
 # study.md). C headers as outliers changed nothing and are left out: code stays unseen in kind.
 OUTLIER_LANGUAGES = ["fr", "es", "it", "pl", "sv", "nl", "pt_BR", "ru", "ja"]
-# art+loss+outlier_exposure: the weights of the z-scores, and the probe's counted one-sided (only above the in-domain
-# mean: a block the probe finds more familiar than typical is not less novel to the memory). Chosen on the
-# validation sets (a grid of 0.25-1 x 0.75-3; study.md); the two-sided sum at (1, 0.25, 0.75) lost more on code.
-SIGNAL_WEIGHTS = {"art": 1.0, "loss": 0.5, "outlier_exposure": 2.0}
-ONE_SIDED_SIGNALS = ("outlier_exposure",)
-
 PRESETS = {
     "cpu": {
         "domain_a": "stdlib-docs",
@@ -107,7 +102,6 @@ PRESETS = {
         "beta": BETA,
         "outlier_languages": OUTLIER_LANGUAGES,
         "outlier_blocks": 100,
-        "signal_weights": SIGNAL_WEIGHTS,
         "fitted_max_categories": 1024,
         "lift": 4.0,
         "fpr": 0.05,
@@ -137,7 +131,6 @@ PRESETS = {
         "beta": BETA,
         "outlier_languages": OUTLIER_LANGUAGES,
         "outlier_blocks": 500,
-        "signal_weights": SIGNAL_WEIGHTS,
         "fitted_max_categories": 4096,
         "lift": 4.0,
         "fpr": 0.05,
@@ -164,7 +157,6 @@ PRESETS = {
         "vigilance": VIGILANCE,
         "beta": BETA,
         "outlier_languages": ["fr"],
-        "signal_weights": SIGNAL_WEIGHTS,
         "outlier_blocks": 8,
         "fitted_max_categories": 64,
         "lift": 4.0,
@@ -233,44 +225,6 @@ def outlier_texts(p: dict) -> dict[str, list[str]]:
     texts = {language: man_pages(language, p["val_chars"]) for language in p["outlier_languages"]}
     texts["random-chars"] = random_characters(p["val_chars"], seed=OUTLIER_RANDOM_SEED)
     return {name: t for name, t in texts.items() if t}
-
-
-def fit_linear_outlier_score(inliers: torch.Tensor, outliers: torch.Tensor, l2: float = 1e-2, max_iter: int = 300):
-    """
-    A logistic regression, inliers 0 and outliers 1, on rows standardised by their pooled mean and standard deviation,
-    minimising mean binary cross-entropy + `l2` |w|^2 (L-BFGS, float64). Returns the score function x -> x_std w + b
-    (higher = more like the outliers).
-    """
-    x = torch.cat([inliers, outliers]).double()
-    y = torch.cat([torch.zeros(len(inliers)), torch.ones(len(outliers))]).double()
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    x = (x - mean) / std
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
-
-    def objective():
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(objective)
-    w, b = w.detach(), b.detach()
-    return lambda rows: ((rows.double() - mean) / std) @ w + b
-
-
-def weighted_z_sum(calibration: dict[str, torch.Tensor], weights: dict[str, float], one_sided=()):
-    """The score sum_i weights[i] z_i with z_i = (signal_i - m_i) / s_i, each signal's mean m_i and standard deviation
-    s_i over the in-domain calibration rows, and z_i floored at 0 for the signals in `one_sided`; returns
-    signals -> score."""
-    stats = {name: (calibration[name].double().mean(), calibration[name].double().std()) for name in weights}
-
-    def z(name, values):
-        z = (values.double() - stats[name][0]) / stats[name][1]
-        return z.clamp(min=0) if name in one_sided else z
-
-    return lambda signals: sum(w * z(n, signals[n]) for n, w in weights.items())
 
 
 def held_out_blocks(texts: list[str], tokenizer, p: dict, limit: int, per_document="preset"):
@@ -342,6 +296,8 @@ def input_rows(e: dict, name: str) -> torch.Tensor:
 
 
 POOLINGS = sorted({spec[:2] for spec in INPUTS.values()})
+# The calibrated verdicts whose flagged shares the report lists (the library's scores on the detector memory).
+FLAGGED_METHODS = ("art+loss+outlier_exposure", "combined", f"art[{COMBINED_INPUT}]")
 
 
 def run(preset: str, seeds: list[int], out: Path) -> dict:
@@ -394,19 +350,13 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
         outlier_rows = input_rows(
             common.embeddings(model, outliers, p["eval_batch"], art=False, poolings=POOLINGS), COMBINED_INPUT
         )
-        outlier_score = fit_linear_outlier_score(input_rows(ref, COMBINED_INPUT), outlier_rows)
+        # the library's "outliers" score: the memory, the loss and the probe (docs/design.md#outlier-exposure)
+        three_signals = copy.deepcopy(combined_memory)
+        three_signals.fit_outlier_exposure(input_rows(ref, COMBINED_INPUT), outlier_rows)
+        three_signals.calibrate(calib_rows, fpr=p["fpr"], surprise=calib["loss"], score="outliers")
         # the memory's combined score with the probe as its second signal: the z-score sum, from the calibration rows
         with_outliers = copy.deepcopy(combined_memory)
-        with_outliers.calibrate(calib_rows, fpr=p["fpr"], surprise=outlier_score(calib_rows))
-        three_signals = weighted_z_sum(
-            {
-                "art": combined_memory.novelty(calib_rows),
-                "loss": calib["loss"],
-                "outlier_exposure": outlier_score(calib_rows),
-            },
-            p["signal_weights"],
-            ONE_SIDED_SIGNALS,
-        )
+        with_outliers.calibrate(calib_rows, fpr=p["fpr"], surprise=three_signals.outlier_score(calib_rows))
         scores, flagged = {}, {}
         for domain, blocks in test.items():
             e = common.embeddings(model, blocks, p["eval_batch"], poolings=POOLINGS)
@@ -422,13 +372,14 @@ def run(preset: str, seeds: list[int], out: Path) -> dict:
             art_best = s[f"art[{COMBINED_INPUT}]"]
             verdict = combined_memory.verdict(art_best, e["loss"])
             s["combined"] = verdict["score"].float()
-            outlier = outlier_score(input_rows(e, COMBINED_INPUT))
+            outlier = three_signals.outlier_score(input_rows(e, COMBINED_INPUT))
             s["outlier_exposure"] = outlier.float()
             s["art+outlier_exposure"] = with_outliers.verdict(art_best, outlier)["score"].float()
-            signals = {"art": art_best, "loss": e["loss"], "outlier_exposure": outlier}
-            s["art+loss+outlier_exposure"] = three_signals(signals).float()
+            outliers_verdict = three_signals.verdict(art_best, e["loss"], outlier)
+            s["art+loss+outlier_exposure"] = outliers_verdict["score"].float()
             scores[domain] = s
             flagged[domain] = {
+                "art+loss+outlier_exposure": float(outliers_verdict["novel"].double().mean()),
                 "combined": float(verdict["novel"].double().mean()),
                 f"art[{COMBINED_INPUT}]": float(novelty_only.verdict(art_best)["novel"].double().mean()),
             }
@@ -555,12 +506,12 @@ def _report(result: dict, out: Path) -> None:
     flagged_rows = []
     for domain in [p["domain_a"], *result["summary"]]:
         cells = [domain + (" (in-domain: false alarms)" if domain == p["domain_a"] else "")]
-        for method in ("combined", f"art[{COMBINED_INPUT}]"):
+        for method in FLAGGED_METHODS:
             values = [r["flagged_at_calibrated_threshold"][domain][method] for r in result["per_seed"]]
             cells.append(common.fmt(*common.mean_std(values), digits=2))
         flagged_rows.append(cells)
     flagged = common.markdown_table(
-        ["held-out set", "flagged: combined", f"flagged: art[{COMBINED_INPUT}]"], flagged_rows
+        ["held-out set", *(f"flagged: {method}" for method in FLAGGED_METHODS)], flagged_rows
     )
     cats = [r["art_categories"] for r in result["per_seed"]]
     fitted = {name: [r["fitted_categories"][name] for r in result["per_seed"]] for name in INPUTS}
