@@ -75,7 +75,8 @@ def fit_art_memory(
     config's `art_*` field of the same name (`art_input_transform`, ...; the config is updated, so the model saves and
     loads with them): train with the default input, then fit the memory a detector needs (the novelty experiment's
     best: `pooling="mean_std_max", pool_layers="all", input_transform="standardize", vigilance=0.98, beta=0.1`, with
-    room for about half the fitted sequences as categories). A bad value is refused before the model changes.
+    room for about half the fitted sequences as categories). A bad value is refused before the model changes, and a
+    fit that fails (rows all the same, bad outlier rows) puts back the old memory and config.
 
     `outlier_ids`, *optional*: sequences of text that is not the model's domain and not what you mean to detect
     (other languages, random characters): the outlier probe is fitted against them (`ARTMemory.fit_outlier_exposure`;
@@ -98,17 +99,24 @@ def fit_art_memory(
             setattr(wanted, field, value)
     wanted.check_values()
     memory = art_memory_for(wanted, device=old.weight.device, dtype=old.weight.dtype)  # checks the memory's values
+    previous = {field: getattr(model.config, field) for field in given}
     model.art_memory = memory
     for field in given:
         setattr(model.config, field, getattr(wanted, field))
-    pooled = sequence_scores(model, input_ids, attention_mask, batch_size)["pooled"]
-    memory.fit_input_transform(pooled)
-    memory.update(pooled, exemplars=first_valid_tokens(input_ids, attention_mask))
-    fitted = {"categories": memory.num_categories, "sequences": int(memory.rows_seen), "outlier_sequences": 0}
-    if outlier_ids is not None:
-        outliers = sequence_scores(model, outlier_ids, outlier_attention_mask, batch_size)["pooled"]
-        memory.fit_outlier_exposure(pooled, outliers)
-        fitted["outlier_sequences"] = len(outliers)
+    try:
+        pooled = sequence_scores(model, input_ids, attention_mask, batch_size)["pooled"]
+        memory.fit_input_transform(pooled)
+        memory.update(pooled, exemplars=first_valid_tokens(input_ids, attention_mask))
+        fitted = {"categories": memory.num_categories, "sequences": int(memory.rows_seen), "outlier_sequences": 0}
+        if outlier_ids is not None:
+            outliers = sequence_scores(model, outlier_ids, outlier_attention_mask, batch_size)["pooled"]
+            memory.fit_outlier_exposure(pooled, outliers)
+            fitted["outlier_sequences"] = len(outliers)
+    except BaseException:  # leave the model as it was: its old memory and config
+        model.art_memory = old
+        for field, value in previous.items():
+            setattr(model.config, field, value)
+        raise
     return fitted
 
 

@@ -236,3 +236,19 @@ def test_fit_with_outliers_then_calibrate_and_report_the_outliers_verdict():
     want = model.art_memory.verdict(novelty, scores["surprise"], model.art_memory.outlier_score(scores["pooled"]))
     assert item["score"] == pytest.approx(float(want["score"][0]), rel=1e-9)
     assert "score outliers" in format_art_report(text)
+
+
+def test_a_fit_that_fails_leaves_the_model_as_it_was():
+    from conftest import tiny_model
+
+    from modeling_gptb.art_report import fit_art_memory
+
+    model = tiny_model(art_enabled=True)
+    old_memory, old_config = model.art_memory, model.config.to_dict()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    same = torch.randint(1, 59, (1, 12), generator=torch.Generator().manual_seed(0)).repeat(5, 1)
+    with pytest.raises(ValueError, match="every row is the same"):  # no spread to fit the transform on
+        fit_art_memory(model, same, input_transform="euclidean", pooling="mean_std_max", pool_layers="all")
+    assert model.art_memory is old_memory and model.config.to_dict() == old_config
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
