@@ -93,12 +93,18 @@ def cmd_art_report(args) -> int:
         if not Path(file).is_file():
             raise CLIError(f"--file {file} is not a file; pass a text file whose text to score")
         texts.append(Path(file).read_text(encoding="utf-8"))
+    if args.block_tokens < 2:
+        raise CLIError(f"--block-tokens must be at least 2 (a block's loss needs two tokens), got {args.block_tokens}")
     model, tokenizer = load_folder(args.folder, args.tokenizer)
     if model.art_memory is None:
         raise CLIError(f"the model in {args.folder} has no ART memory (config.art_enabled is false)")
+    if args.block_tokens < 2:
+        raise CLIError(
+            f"--block-tokens must be at least 2 (a block's next-token loss needs two), got {args.block_tokens}"
+        )
     if args.fit_on:
-        blocks = _art_blocks(args.fit_on, "train", tokenizer, args.blocks)
-        outliers = [_art_blocks(source, "train", tokenizer, args.blocks) for source in args.outliers or []]
+        blocks = _art_blocks(args.fit_on, "train", tokenizer, args.blocks, args.block_tokens)
+        outliers = [_art_blocks(s, "train", tokenizer, args.blocks, args.block_tokens) for s in args.outliers or []]
         try:
             fitted = fit_art_memory(
                 model,
@@ -124,7 +130,7 @@ def cmd_art_report(args) -> int:
             "when fitting: pass --fit-on too"
         )
     if args.calibrate_on:
-        blocks = _art_blocks(args.calibrate_on, "validation", tokenizer, args.blocks)
+        blocks = _art_blocks(args.calibrate_on, "validation", tokenizer, args.blocks, args.block_tokens)
         try:
             calibrate_art_memory(model, blocks, fpr=args.fpr)
         except ValueError as error:
@@ -175,21 +181,21 @@ def save_model_in_place(model, folder: Path) -> None:
         lock.release()
 
 
-def _art_blocks(source: str, split: str, tokenizer, count: int):
-    """Up to `count` blocks of 64 tokens from a built-in corpus (its `split`) or a text file."""
+def _art_blocks(source: str, split: str, tokenizer, count: int, tokens: int):
+    """Up to `count` blocks of `tokens` tokens from a built-in corpus (its `split`) or a text file."""
     import torch
 
     from .data import list_corpora, load_corpus, tokenize_and_chunk
 
     if source in list_corpora():
-        texts = load_corpus(source, split=split, max_chars=count * 64 * 8)
+        texts = load_corpus(source, split=split, max_chars=count * tokens * 8)
     elif Path(source).is_file():
         texts = [Path(source).read_text(encoding="utf-8")]
     else:
         raise CLIError(f"{source} is neither a built-in corpus ({', '.join(list_corpora())}) nor a text file")
-    blocks = tokenize_and_chunk(texts, tokenizer, block_size=64)[:count]
+    blocks = tokenize_and_chunk(texts, tokenizer, block_size=tokens)[:count]
     if len(blocks) < 2:
-        raise CLIError(f"{source} gives {len(blocks)} block(s) of 64 tokens; at least 2 are needed")
+        raise CLIError(f"{source} gives {len(blocks)} block(s) of {tokens} tokens; at least 2 are needed")
     return blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))]
 
 

@@ -359,6 +359,11 @@ def test_art_report_fits_the_outlier_probe_and_calibrates_the_outliers_score(tmp
     assert memory.outliers_fitted and memory.calibration_report()["score"] == "outliers"
     assert cli.main(["art-report", str(folder), "--outliers", str(tmp_path / "noise.txt")]) == 2
     assert "--outliers apply when fitting: pass --fit-on too" in one_line_error(capsys, "art-report")
+    # --block-tokens: the length of the blocks cut from every source
+    assert cli.main([*args, "--block-tokens", "10000"]) == 2
+    assert "gives 1 block(s) of 10000 tokens; at least 2 are needed" in one_line_error(capsys, "art-report")
+    assert cli.main([*args, "--block-tokens", "1"]) == 2
+    assert "--block-tokens must be at least 2" in one_line_error(capsys, "art-report")
 
 
 def test_art_report_fits_the_detector_input_and_saves_it(tmp_path, capsys):
