@@ -885,7 +885,8 @@ class ARTMemory(nn.Module):
                 f"{len(outliers)}"
             )
         center, scale, weight, bias = fit_linear_probe(inliers, outliers, l2=float(l2))
-        if self.calibration_report() is not None and self.calibration_report()["score"] == "outliers":
+        report = self.calibration_report()
+        if report is not None and report["score"] == "outliers":
             self.calibration.zero_()
             self.calibration_quantiles.zero_()
         self.outlier_probe.copy_(torch.stack([center, scale, weight]))

@@ -98,10 +98,6 @@ def cmd_art_report(args) -> int:
     model, tokenizer = load_folder(args.folder, args.tokenizer)
     if model.art_memory is None:
         raise CLIError(f"the model in {args.folder} has no ART memory (config.art_enabled is false)")
-    if args.block_tokens < 2:
-        raise CLIError(
-            f"--block-tokens must be at least 2 (a block's next-token loss needs two), got {args.block_tokens}"
-        )
     if args.fit_on:
         blocks = _art_blocks(args.fit_on, "train", tokenizer, args.blocks, args.block_tokens)
         outliers = [_art_blocks(s, "train", tokenizer, args.blocks, args.block_tokens) for s in args.outliers or []]
